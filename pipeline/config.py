@@ -1,0 +1,336 @@
+"""One typed config, composed from params.yaml, a profile, an experiment and overrides.
+
+Order of precedence (later wins): dataclass defaults < params.yaml blocks < the
+selected profile < the experiment's `set` block < command-line `key=value` overrides.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+TASKS = ("sst", "para", "sts")
+SENTIMENT_TASKS = ("sst", "cfimdb")
+ALL_TASKS = ("sst", "para", "sts", "cfimdb")
+# The paper's extension switches and the config changes each stands for.
+EXTENSIONS = {
+    "relu": {"model.heads": "relu"},
+    "cos": {"model.sts_head": "cos"},
+    "loop": {"train.schedule": "loop"},
+    "gn": {"train.balancer": "gradnorm"},
+    "pcg": {"train.balancer": "pcgrad"},
+    "mlm": {"model.init_from": "models/mlm"},
+}
+
+
+def _help(text: str, default: Any, **kw) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+def _choice(section: str, name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = _help("folder holding the CS224N task files; empty: $MINBERT_DATA_DIR, else download", "")
+    cache_dir: str = _help("where downloaded official files are cached", "data/raw")
+    prepared_dir: str = _help("output of the prepare stage (validated, tokenised data)", "data/prepared")
+    max_length: int = _help("tokens kept per sentence, [CLS] and [SEP] included", 128)
+    strict: bool = _help("treat any bad data row as fatal instead of skipping and reporting it", False)
+    limit: int = _help("keep only the first N valid rows of every file (0: all); for micro runs", 0)
+
+    def __post_init__(self):
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length={self.max_length} must be at least 8")
+        if self.limit < 0:
+            raise ConfigError(f"data.limit={self.limit} must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _help("'embedded' (the packaged MiniLM), a HF model id such as bert-base-uncased, or a local path", "embedded")
+    pooling: str = _help("sentence embedding: pooler (paper: pooled [CLS]), cls (raw [CLS] state) or mean", "pooler")
+    dropout: float = _help("dropout on the sentence embedding before every head", 0.3)
+    heads: str = _help("linear (paper baseline) or relu (MLP heads, the ReLU extension)", "linear")
+    relu_widths: list = _help("hidden widths of the ReLU heads (paper: 256, 64)", [256, 64])
+    sts_head: str = _help("concat (linear on [e1;e2], baseline) or cos (cosine of e1, e2: the Cos extension)", "concat")
+    para_head: str = _help("concat (bi-encoder, paper) or cross ([CLS] s1 [SEP] s2 cross-encoder)", "concat")
+    mode: str = _help("finetune (all weights train) or pretrain (backbone frozen, heads only)", "finetune")
+    init_from: str = _help("directory of a further-pretrained backbone (the pretrain-mlm output); empty: none", "")
+
+    def __post_init__(self):
+        _choice("model", "pooling", self.pooling, ("pooler", "cls", "mean"))
+        _choice("model", "heads", self.heads, ("linear", "relu"))
+        _choice("model", "sts_head", self.sts_head, ("concat", "cos"))
+        _choice("model", "para_head", self.para_head, ("concat", "cross"))
+        _choice("model", "mode", self.mode, ("finetune", "pretrain"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must lie in [0, 1)")
+        if not self.relu_widths or any((not isinstance(w, int)) or w <= 0 for w in self.relu_widths):
+            raise ConfigError(f"model.relu_widths={self.relu_widths} must be a non-empty list of positive integers")
+        if not self.backbone:
+            raise ConfigError("model.backbone is empty: name 'embedded', a model id or a path")
+
+
+@dataclass
+class TrainConfig:
+    tasks: list = _help("tasks trained together: sst, para, sts (multitask) or one of sst / cfimdb (sentiment only)", list(TASKS))
+    schedule: str = _help("baseline (every task sampled to the STS train size per epoch) or loop (to the SST train size)", "baseline")
+    epoch_fraction: float = _help("scale of the per-epoch sample size (1.0 = the paper's; cpu profile uses less)", 1.0)
+    balancer: str = _help("how task losses/gradients combine: sum, gradnorm, pcgrad, or a torchjd aggregator (upgrad, mgda, cagrad, ...)", "sum")
+    gn_alpha: float = _help("GradNorm asymmetry alpha", 1.0)
+    gn_lr: float = _help("learning rate of the GradNorm task weights", 0.025)
+    lr: float = _help("AdamW learning rate", 1e-5)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    batch_size: int = _help("examples per task per step", 8)
+    epochs: int = _help("training epochs", 25)
+    seed: int = _help("seed of sampling, dropout and initialisation", 11711)
+    device: str = _help("auto, cpu or cuda", "auto")
+    eval_limit: int = _help("dev examples per task scored after each epoch (0: all)", 0)
+    checkpoint_every: int = _help("also checkpoint every N steps inside an epoch (0: only at epoch ends)", 0)
+    on_nonfinite: str = _help("stop (fail the run) or skip (drop the batch) when a task loss is NaN/inf", "stop")
+    threads: int = _help("CPU threads for torch (0: torch's default)", 0)
+
+    def __post_init__(self):
+        _choice("train", "schedule", self.schedule, ("baseline", "loop"))
+        _choice("train", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        if not self.tasks or any(t not in ALL_TASKS for t in self.tasks):
+            raise ConfigError(f"train.tasks={self.tasks} must name tasks from {', '.join(ALL_TASKS)}")
+        if len(self.tasks) > 1 and sorted(self.tasks) != sorted(TASKS):
+            raise ConfigError(f"train.tasks={self.tasks}: multitask training takes exactly sst, para, sts")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if self.batch_size <= 0:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be > 0")
+        if self.epochs <= 0:
+            raise ConfigError(f"train.epochs={self.epochs} must be > 0")
+        if self.gn_alpha < 0:
+            raise ConfigError(f"train.gn_alpha={self.gn_alpha} must be >= 0")
+        if self.gn_lr <= 0:
+            raise ConfigError(f"train.gn_lr={self.gn_lr} must be > 0")
+        if not 0 < self.epoch_fraction <= 100:
+            raise ConfigError(f"train.epoch_fraction={self.epoch_fraction} must lie in (0, 100]")
+        if self.eval_limit < 0 or self.checkpoint_every < 0 or self.threads < 0:
+            raise ConfigError("train.eval_limit, train.checkpoint_every and train.threads must be >= 0")
+        from pipeline.balancers import known_balancers  # late: balancers imports torch
+
+        if self.balancer not in known_balancers():
+            raise ConfigError(
+                f"train.balancer={self.balancer!r} is unknown; choose from {', '.join(known_balancers())}"
+            )
+
+
+@dataclass
+class MLMConfig:
+    epochs: int = _help("epochs of masked-LM pretraining on SST train sentences", 25)
+    lr: float = _help("AdamW learning rate of MLM pretraining", 1e-3)
+    batch_size: int = _help("sentences per MLM step", 8)
+    mask_prob: float = _help("share of non-special tokens chosen for prediction", 0.15)
+    seed: int = _help("seed of masking and dropout", 11711)
+    fraction: float = _help("share of SST train sentences used per epoch (1.0: all)", 1.0)
+    output_dir: str = _help("where the further-pretrained backbone is saved", "models/mlm")
+    checkpoint_every: int = _help("checkpoint every N steps inside an epoch (0: epoch ends only)", 0)
+
+    def __post_init__(self):
+        if not 0 < self.mask_prob < 1:
+            raise ConfigError(f"mlm.mask_prob={self.mask_prob} must lie in (0, 1)")
+        if self.lr <= 0 or self.batch_size <= 0 or self.epochs <= 0:
+            raise ConfigError("mlm.lr, mlm.batch_size and mlm.epochs must be > 0")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"mlm.fraction={self.fraction} must lie in (0, 1]")
+
+
+@dataclass
+class TrackingConfig:
+    runs_dir: str = _help("where run records, checkpoints and predictions go", "runs")
+    wandb: bool = _help("log to Weights & Biases (offline without an API key)", False)
+    wandb_project: str = _help("W&B project name", "minbert-multitask")
+
+
+@dataclass
+class Config:
+    name: str = _help("experiment name (the run folder is runs/<name>/s<seed>)", "default")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.tracking.runs_dir) / self.name / f"s{self.train.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def multitask(self) -> bool:
+        return len(self.train.tasks) > 1
+
+
+SECTION_CLASSES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "mlm": MLMConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check a value against the type of the field's default; ints pass as floats."""
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:  # YAML 1.1 reads "2e-5" as a string
+            value = float(value) if isinstance(default, float) else int(value)
+        except ValueError:
+            pass
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return int(value)
+    if isinstance(default, str):
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return value
+    return value
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if key == "name":
+        tree["name"] = value
+        return
+    if len(parts) != 2 or parts[0] not in SECTION_CLASSES:
+        raise ConfigError(f"unknown parameter '{key}' (expected <section>.<field>, sections: {', '.join(SECTION_CLASSES)})")
+    section, name = parts
+    known = {f.name: f for f in fields(SECTION_CLASSES[section])}
+    if name not in known:
+        raise ConfigError(f"unknown parameter '{key}'; {section} has {', '.join(known)}")
+    tree.setdefault(section, {})[name] = _coerce(key, value, _default(known[name]))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def flatten(block: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists stay values."""
+    out = {}
+    for k, v in (block or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            out.update(flatten(v, prefix=f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def read_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def experiment_overrides(params: dict, experiment: str) -> dict:
+    """The flat overrides an experiment stands for: its extensions, then its explicit `set` block."""
+    experiments = params.get("experiments") or {}
+    if experiment not in experiments:
+        raise ConfigError(f"unknown experiment '{experiment}'; params.yaml defines {', '.join(experiments) or 'none'}")
+    spec = experiments[experiment] or {}
+    out: dict = {}
+    for ext in spec.get("extensions") or []:
+        if ext not in EXTENSIONS:
+            raise ConfigError(f"experiments.{experiment}.extensions: unknown extension '{ext}' (known: {', '.join(EXTENSIONS)})")
+        out.update(EXTENSIONS[ext])
+    out.update(flatten(spec.get("set") or {}))
+    return out
+
+
+def load_config(
+    params_path: str | Path | None = "params.yaml",
+    experiment: str | None = None,
+    overrides: list[str] | dict | None = None,
+    profile: str | None = None,
+) -> Config:
+    """Compose the typed config; every problem is a one-line ConfigError naming the parameter."""
+    params = read_params(params_path) if params_path else {}
+    flat: dict[str, Any] = {}
+    for section in SECTION_CLASSES:
+        flat.update(flatten({section: params.get(section) or {}}))
+    if isinstance(overrides, dict):
+        override_items = list(overrides.items())
+    else:
+        override_items = [parse_override(o) for o in (overrides or [])]
+    profile = profile or dict(override_items).get("profile") or os.environ.get("MINBERT_PROFILE") or params.get("profile")
+    if profile:
+        profiles = params.get("profiles") or {}
+        if profile not in profiles:
+            raise ConfigError(f"unknown profile '{profile}'; params.yaml defines {', '.join(profiles) or 'none'}")
+        flat.update(flatten(profiles[profile] or {}))
+    if experiment:
+        flat.update(experiment_overrides(params, experiment))
+        flat["name"] = experiment
+    for key, value in override_items:
+        if key != "profile":
+            flat[key] = value
+    tree: dict = {}
+    for key, value in flat.items():
+        _set(tree, key, value)
+    try:
+        sections = {name: cls(**tree.get(name, {})) for name, cls in SECTION_CLASSES.items()}
+    except TypeError as err:  # pragma: no cover - _set already checks names
+        raise ConfigError(str(err)) from None
+    return Config(name=str(tree.get("name", "default")), **sections)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (run records, checkpoints)."""
+    return Config(name=d.get("name", "default"), **{k: cls(**d[k]) for k, cls in SECTION_CLASSES.items() if k in d})

@@ -1,0 +1,243 @@
+"""The one training loop: every experiment, sweep trial and test goes through `train()`.
+
+Checkpoints hold everything a resume needs (model, optimizer, balancer state,
+RNG state, position in the epoch schedule), so a run killed at any point and
+started again with the same command ends with exactly the same metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from pipeline import io as pio
+from pipeline.balancers import make_balancer
+from pipeline.data import collate, epoch_size, epoch_sample, length_batches, load_split, to_device, tokenizer_info
+from pipeline.errors import NonFiniteLossError, PipelineError
+from pipeline.evaluate import score_tasks
+from pipeline.model import build_model
+from pipeline.tracking import RunRecord, WandbTracker
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+BEST = "best.safetensors"
+HISTORY = "history.json"
+STEPS = "steps.jsonl"
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0          # epochs completed
+    step_in_epoch: int = 0  # steps completed inside the current epoch
+    global_step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    skipped_batches: int = 0
+    history: list = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, balancer, state: TrainState, steps: list[dict]) -> None:
+    """Write checkpoint.new/, then swap it in: a kill at any moment leaves one complete checkpoint."""
+    final, new, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.new", run_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(new / "model.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "balancer": balancer.state_dict(), "rng": rng}, new / "trainer.pt")
+    (new / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    (new / "state.json").write_text(json.dumps(asdict(state)))
+    for f in new.iterdir():
+        with open(f, "rb") as fh:
+            import os
+
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        if (run_dir / name / "state.json").exists():
+            return run_dir / name
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer, balancer) -> tuple[TrainState, list[dict]]:
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(trainer["optimizer"])
+    balancer.load_state_dict(trainer["balancer"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    if "cuda" in trainer["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
+    state = TrainState(**json.loads((path / "state.json").read_text()))
+    steps = [json.loads(line) for line in (path / "steps.jsonl").read_text().splitlines() if line]
+    return state, steps
+
+
+def save_best(run_dir: Path, model, cfg, scores: dict) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps(cfg.to_dict()), "scores": json.dumps(scores)}
+    pio.write_with(run_dir / BEST, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+          resume: bool = True) -> dict:
+    """Train one experiment and return the best dev scores.
+
+    `on_epoch_end(epoch, scores)` lets a sweep report intermediate values; an
+    exception it raises (e.g. optuna.TrialPruned) ends the run with status 'pruned'.
+    """
+    run_dir = Path(run_dir or cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    seed_everything(tc.seed)
+    device = pick_device(tc.device)
+    tasks = list(tc.tasks)
+    pad_id = tokenizer_info(cfg.data.prepared_dir)["pad_id"]
+    train_data = {t: load_split(cfg.data.prepared_dir, t, "train") for t in tasks}
+    dev_data = {t: load_split(cfg.data.prepared_dir, t, "dev").subset(tc.eval_limit) for t in tasks}
+
+    model = build_model(cfg.model, tasks).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    balancer = make_balancer(tc.balancer if len(tasks) > 1 else "sum", model, tasks, tc)
+
+    record = RunRecord(run_dir, cfg)
+    tracker = WandbTracker(cfg, run_dir, cfg.tracking.wandb)
+    state, steps_log = TrainState(), []
+    ckpt = find_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state, steps_log = load_checkpoint(ckpt, model, optimizer, balancer)
+        log.info("resuming %s from epoch %d step %d", run_dir, state.epoch, state.step_in_epoch)
+
+    sizes = {t: len(d) for t, d in train_data.items()}
+    per_task = epoch_size(tc.schedule, sizes, tc.epoch_fraction)
+    cross = cfg.model.para_head == "cross"
+    status, error = "failed", None
+    try:
+        for epoch in range(state.epoch, tc.epochs):
+            rng = np.random.default_rng([tc.seed, epoch])
+            schedule = {t: length_batches(epoch_sample(sizes[t], per_task, rng), train_data[t].lengths,
+                                          tc.batch_size, rng) for t in tasks}
+            n_steps = min(len(b) for b in schedule.values())
+            model.train()
+            t_epoch = time.time()
+            sums = torch.zeros(len(tasks), dtype=torch.float64)
+            counted = 0
+            bar = tqdm(range(state.step_in_epoch, n_steps), desc=f"{cfg.name} epoch {epoch + 1}/{tc.epochs}",
+                       initial=state.step_in_epoch, total=n_steps, leave=False, disable=None)
+            for step in bar:
+                losses = {}
+                for t in tasks:
+                    batch = to_device(collate(train_data[t], schedule[t][step], pad_id, cross=cross and t == "para"), device)
+                    with _autocast(device):
+                        losses[t] = model.loss(t, batch)
+                stacked = torch.stack([losses[t].detach() for t in tasks]).float().cpu()
+                if not torch.isfinite(stacked).all():  # one host sync per step, needed to act before the update
+                    bad = tasks[int((~torch.isfinite(stacked)).nonzero()[0])]
+                    where = f"task {bad} loss is {stacked[tasks.index(bad)].item()} at epoch {epoch + 1} step {step + 1}"
+                    if tc.on_nonfinite == "stop":
+                        raise NonFiniteLossError(where)
+                    log.warning("skipping batch: %s", where)
+                    optimizer.zero_grad(set_to_none=True)
+                    state.skipped_batches += 1
+                    state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+                    continue
+                stats = balancer.backward(losses)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                balancer.after_step()
+                sums += stacked.double()
+                counted += 1
+                state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+                entry = {"step": state.global_step, "epoch": epoch + 1,
+                         **{f"loss_{t}": float(stacked[i]) for i, t in enumerate(tasks)},
+                         **{k: float(v) for k, v in stats.items()}}
+                steps_log.append(entry)
+                tracker.log(entry, step=state.global_step)
+                if step % 10 == 0:
+                    bar.set_postfix({t: f"{float(stacked[i]):.3f}" for i, t in enumerate(tasks)})
+                if tc.checkpoint_every and state.global_step % tc.checkpoint_every == 0 and state.step_in_epoch < n_steps:
+                    save_checkpoint(run_dir, model, optimizer, balancer, state, steps_log)
+            bar.close()
+            scores, _ = score_tasks(model, dev_data, pad_id, max(32, tc.batch_size * 4), device)
+            entry = {"epoch": epoch + 1, "steps": n_steps, "train_time_s": round(time.time() - t_epoch, 2),
+                     **{f"train_loss_{t}": (sums[i] / max(counted, 1)).item() for i, t in enumerate(tasks)},
+                     **scores}
+            state.history.append(entry)
+            log.info("%s epoch %d: %s", cfg.name, epoch + 1,
+                     " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            if scores["avg"] > state.best_score:
+                state.best_score, state.best_epoch = scores["avg"], epoch + 1
+                save_best(run_dir, model, cfg, scores)
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            save_checkpoint(run_dir, model, optimizer, balancer, state, steps_log)
+            pio.write_json(run_dir / HISTORY, state.history)
+            pio.write_text(run_dir / STEPS, "".join(json.dumps(s) + "\n" for s in steps_log))
+            record.set_history(state.history)
+            tracker.log({f"dev/{k}": v for k, v in scores.items()}, step=state.global_step)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, scores)
+        best = dict(state.history[state.best_epoch - 1]) if state.best_epoch > 0 else {}
+        best = {k: v for k, v in best.items() if not k.startswith("train_")} | {"best_epoch": state.best_epoch}
+        status = "completed"
+        return best
+    except BaseException as err:
+        status = "pruned" if type(err).__name__ == "TrialPruned" else ("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+        error = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        best_metrics = ({k: v for k, v in state.history[state.best_epoch - 1].items() if not k.startswith("train_")}
+                        if state.best_epoch > 0 else {})
+        record.finish(status, {**best_metrics, "best_epoch": state.best_epoch, "skipped_batches": state.skipped_batches},
+                      error)
+        tracker.summary(best_metrics)
+        tracker.finish(exit_code=0 if status == "completed" else 1)
