@@ -153,6 +153,16 @@ class MLMConfig:
 
 
 @dataclass
+class EvalConfig:
+    dev_limit: int = _help("dev examples per task scored by the evaluate stage (0: all; the cpu profile scores a fixed prefix)", 0)
+    batch_size: int = _help("sentences per evaluation batch", 64)
+
+    def __post_init__(self):
+        if self.dev_limit < 0 or self.batch_size <= 0:
+            raise ConfigError("eval.dev_limit must be >= 0 and eval.batch_size > 0")
+
+
+@dataclass
 class TrackingConfig:
     runs_dir: str = _help("where run records, checkpoints and predictions go", "runs")
     wandb: bool = _help("log to Weights & Biases (offline without an API key)", False)
@@ -166,6 +176,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
@@ -185,6 +196,7 @@ SECTION_CLASSES = {
     "model": ModelConfig,
     "train": TrainConfig,
     "mlm": MLMConfig,
+    "eval": EvalConfig,
     "tracking": TrackingConfig,
 }
 

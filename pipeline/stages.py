@@ -51,8 +51,8 @@ def run_evaluate(cfg, run_dir: Path | None = None) -> dict:
     prepared = cfg.data.prepared_dir
     pad_id = tokenizer_info(prepared)["pad_id"]
     tasks = list(trained_cfg.train.tasks)
-    batch = max(64, cfg.train.batch_size * 4)
-    dev = {t: load_split(prepared, t, "dev") for t in tasks}
+    batch = cfg.eval.batch_size
+    dev = {t: load_split(prepared, t, "dev").subset(cfg.eval.dev_limit) for t in tasks}
     scores, preds = score_tasks(model, dev, pad_id, batch, device)
     out = run_dir / "predictions"
     for t in tasks:

@@ -208,7 +208,7 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
                 if tc.checkpoint_every and state.global_step % tc.checkpoint_every == 0 and state.step_in_epoch < n_steps:
                     save_checkpoint(run_dir, model, optimizer, balancer, state, steps_log)
             bar.close()
-            scores, _ = score_tasks(model, dev_data, pad_id, max(32, tc.batch_size * 4), device)
+            scores, _ = score_tasks(model, dev_data, pad_id, cfg.eval.batch_size, device)
             entry = {"epoch": epoch + 1, "steps": n_steps, "train_time_s": round(time.time() - t_epoch, 2),
                      **{f"train_loss_{t}": (sums[i] / max(counted, 1)).item() for i, t in enumerate(tasks)},
                      **scores}
