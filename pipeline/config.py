@@ -140,6 +140,7 @@ class MLMConfig:
     mask_prob: float = _help("share of non-special tokens chosen for prediction", 0.15)
     seed: int = _help("seed of masking and dropout", 11711)
     fraction: float = _help("share of SST train sentences used per epoch (1.0: all)", 1.0)
+    tie_decoder: bool = _help("the head's vocabulary layer reuses the word embeddings (BERT practice; false: a fresh layer)", True)
     output_dir: str = _help("where the further-pretrained backbone is saved", "models/mlm")
     checkpoint_every: int = _help("checkpoint every N steps inside an epoch (0: epoch ends only)", 0)
 

@@ -76,19 +76,36 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 
 
 class MaskedLM(nn.Module):
-    """The backbone plus the paper's two-layer ReLU head to vocabulary logits."""
+    """The backbone plus the paper's two-layer ReLU head to vocabulary logits.
 
-    def __init__(self, backbone: nn.Module):
+    With `tie_decoder` the second layer's weight is the backbone's word-embedding matrix
+    (BERT's own MLM practice), so a backbone that ships without an MLM head, like the
+    embedded sentence-embedding model, gets meaningful gradients from the first step
+    instead of those of a random 30k-way classifier.
+    """
+
+    def __init__(self, backbone: nn.Module, tie_decoder: bool = True):
         super().__init__()
         self.bert = backbone
         hidden, vocab = backbone.config.hidden_size, backbone.config.vocab_size
-        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.LayerNorm(hidden), nn.Linear(hidden, vocab))
+        self.tie_decoder = tie_decoder
+        if tie_decoder:
+            self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.LayerNorm(hidden))
+            self.decoder_bias = nn.Parameter(torch.zeros(vocab))
+        else:
+            self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.LayerNorm(hidden), nn.Linear(hidden, vocab))
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.head(hidden)
+        if self.tie_decoder:
+            return F.linear(h, self.bert.get_input_embeddings().weight, self.decoder_bias)
+        return h
 
     def chosen_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets at the chosen positions only: the head never sees the other ~85%."""
         hidden = self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         chosen = batch["labels"] != IGNORE
-        return self.head(hidden[chosen]), batch["labels"][chosen]
+        return self.vocab_logits(hidden[chosen]), batch["labels"][chosen]
 
     def loss(self, batch: dict) -> torch.Tensor:
         logits, targets = self.chosen_logits(batch)
@@ -112,7 +129,7 @@ def _fingerprint(cfg, info: dict) -> str:
     """What fixes the MLM trajectory; epochs, checkpoint_every and output_dir may change on resume."""
     m = cfg.mlm
     return json.dumps({"model.backbone": cfg.model.backbone, "mlm.lr": m.lr, "mlm.batch_size": m.batch_size,
-                       "mlm.mask_prob": m.mask_prob, "mlm.seed": m.seed, "mlm.fraction": m.fraction,
+                       "mlm.mask_prob": m.mask_prob, "mlm.seed": m.seed, "mlm.fraction": m.fraction, "mlm.tie_decoder": m.tie_decoder,
                        "train.weight_decay": cfg.train.weight_decay, "data.max_length": cfg.data.max_length,
                        "data.limit": cfg.data.limit, "vocab_size": info["vocab_size"]}, sort_keys=True)
 
@@ -212,7 +229,7 @@ def run_mlm(cfg) -> dict:
     if info["vocab_size"] > backbone.config.vocab_size:
         raise ConfigError(f"model.backbone={cfg.model.backbone!r} has {backbone.config.vocab_size} token embeddings but "
                           f"{cfg.data.prepared_dir} was tokenised with {info['vocab_size']}; run prepare with this backbone")
-    model = MaskedLM(backbone).to(device)
+    model = MaskedLM(backbone, tie_decoder=cfg.mlm.tie_decoder).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=mc.lr, weight_decay=cfg.train.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {}))
     generator = torch.Generator().manual_seed(mc.seed)

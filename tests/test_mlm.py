@@ -89,19 +89,26 @@ def test_masking_is_reproducible_from_the_generator_state():
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_head_is_two_layer_relu_to_vocab_and_loss_only_on_chosen(tiny_backbone):
+@pytest.mark.parametrize("tie", [False, True])
+def test_head_is_two_layer_relu_to_vocab_and_loss_only_on_chosen(tiny_backbone, tie):
     torch.manual_seed(0)
-    model = MaskedLM(load_backbone(str(tiny_backbone))).eval()
+    model = MaskedLM(load_backbone(str(tiny_backbone)), tie_decoder=tie).eval()
     h = model.bert.config.hidden_size
     linears = [(m.in_features, m.out_features) for m in model.head if isinstance(m, torch.nn.Linear)]
-    assert linears == [(h, h), (h, VOCAB)] and any(isinstance(m, torch.nn.ReLU) for m in model.head)
+    if tie:  # second layer: the word-embedding matrix itself, not a copy
+        assert linears == [(h, h)]
+        emb = model.bert.get_input_embeddings().weight
+        assert emb.shape == (VOCAB, h) and not any(p is emb for p in model.head.parameters())
+    else:
+        assert linears == [(h, h), (h, VOCAB)]
+    assert any(isinstance(m, torch.nn.ReLU) for m in model.head)
     ids, attention = _batch(rows=4, width=12)
     labels = torch.full_like(ids, IGNORE)
     labels[0, 3], labels[2, 5] = ids[0, 3], ids[2, 5]
     batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
     logits, targets = model.chosen_logits(batch)
     assert logits.shape == (2, VOCAB) and targets.tolist() == [ids[0, 3].item(), ids[2, 5].item()]
-    full = model.head(model.bert(input_ids=ids, attention_mask=attention).last_hidden_state)
+    full = model.vocab_logits(model.bert(input_ids=ids, attention_mask=attention).last_hidden_state)
     expected = torch.nn.functional.cross_entropy(full.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=IGNORE)
     assert torch.allclose(model.loss(batch), expected, atol=1e-5)
 
