@@ -21,12 +21,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# W&B's sweep engine, for validating sweeps/*.yaml offline; its top-level package `sweeps`
+	# would shadow ours, so it lives in its own folder (tests/test_wandb.py loads it from there).
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/wandb-sweeps sweeps==0.2.0
 	touch $@
 
+# The profile comes from params.yaml (`profile:`), which DVC tracks; an exported MINBERT_PROFILE
+# would make the stages run another profile than the one DVC records, so it is cleared here.
 repro: install
-	@test -d .dvc || (test -d .git || git init -q) && $(VENV)/bin/dvc init -q 2>/dev/null || true
-	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
+	@test -d .git || git init -q
+	@test -d .dvc || $(VENV)/bin/dvc init -q
+	MINBERT_PROFILE= PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
 	$(PY) -m pipeline summary
+	@echo "Report: reports/REPORT.md (tables in reports/tables, figures in reports/figures)"
 
 test: install
 	$(PY) -m pytest -q -ra
@@ -34,9 +41,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install
+# Throughput and overhead benchmarks -> reports/benchmarks.json and .md (under 10 min on 2 CPU cores).
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--threads 0" (torch's default threads on an idle machine).
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) -m benchmarks.run
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data/prepared runs models

@@ -54,9 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, experiment=False)
     p.add_argument("--study", default="minbert", help="study name (the same name resumes it)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: a local SQLite file); postgresql://... for many machines")
-    p.add_argument("--trials", type=int, default=20, help="trials to run in all (over all workers)")
+    p.add_argument("--trials", type=int, default=20,
+                   help="finished trials the study should hold, over all workers and machines (a resumed study runs the rest)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--base-experiment", default=None, help="experiment whose config the search starts from")
+    p.add_argument("--space", default=None, help="search-space YAML (default: sweeps/optuna_space.yaml)")
+    p.add_argument("--sampler-seed", type=int, default=None, help="TPE sampler seed (default: the space file's)")
+    p.add_argument("--reports-dir", default=None, help="where best params and figures go (default: reports/sweeps)")
+    p.add_argument("--heartbeat-interval", type=int, default=None, metavar="S",
+                   help="seconds between a running trial's heartbeats (default: 60)")
+    p.add_argument("--grace-period", type=int, default=None, metavar="S",
+                   help="seconds without a heartbeat before a trial is failed and retried (default: 2x the interval)")
+    p.add_argument("--max-retry", type=int, default=None, help="retries of a trial whose worker died (default: 3)")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="S",
+                   help="seconds to wait for a locked or unreachable storage before failing (default: 60)")
     p = sub.add_parser("summary", help=STAGE_HELP["summary"], description=STAGE_HELP["summary"])
     p.add_argument("--runs-dir", default="runs", help="runs folder (default: runs)")
     return parser

@@ -7,6 +7,7 @@ per-epoch history, final metrics, wall time and status
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -95,30 +96,97 @@ def load_records(runs_dir: str | Path = "runs") -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def run_origin(name: str):
+    """Records written inside the block say who started the run (optuna, wandb, ...)."""
+    previous = os.environ.get("MINBERT_ORIGIN")
+    os.environ["MINBERT_ORIGIN"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MINBERT_ORIGIN", None)
+        else:
+            os.environ["MINBERT_ORIGIN"] = previous
+
+
+def update_record(run_dir: str | Path, **fields) -> bool:
+    """Merge top-level fields into an existing record (sweep metadata, a lost worker's status)."""
+    path = Path(run_dir) / RECORD
+    if not path.exists():
+        return False
+    try:
+        rec = pio.read_json(path)
+    except ValueError:
+        log.warning("%s: unreadable run record left as it is", path)
+        return False
+    rec.update(fields)
+    pio.write_json(path, rec)
+    return True
+
+
+def wandb_mode() -> str:
+    """$WANDB_MODE if set; online with a key (WANDB_API_KEY or `wandb login`'s netrc entry); else offline.
+
+    Offline never prompts and never waits on the network; `wandb sync` uploads such runs later.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return "online" if netrc.netrc(os.environ.get("NETRC")).authenticators(host) else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+
+
 class WandbTracker:
-    """Thin W&B wrapper: offline without an API key, never prompts, always finishes."""
+    """Thin W&B wrapper: offline without an API key, never prompts, always finishes what it started.
+
+    A run already active in this process (a W&B sweep agent's, opened by
+    sweeps/wandb_entry.py) is reused and left for its owner to finish.
+    Metric keys are those of metrics.json and steps.jsonl: the loop's `dev/<key>`
+    epoch scores are logged as `<key>`, so a W&B sweep's `metric: avg` sees every epoch.
+    """
 
     def __init__(self, cfg, run_dir: Path, enabled: bool):
-        self.run = None
+        self.run, self.owned = None, False
         if not enabled or os.environ.get("WANDB_MODE") == "disabled":
             return
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        if wandb.run is not None:
+            self.run = wandb.run
+            self.run.config.update(cfg.to_dict(), allow_val_change=True)
+            return
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(project=cfg.tracking.wandb_project, name=f"{cfg.name}-s{cfg.train.seed}",
-                              config=cfg.to_dict(), dir=str(run_dir), mode=mode, reinit="finish_previous",
-                              settings=wandb.Settings(console="off", silent=True))
+        try:
+            self.run = wandb.init(project=cfg.tracking.wandb_project, name=f"{cfg.name}-s{cfg.train.seed}",
+                                  config=cfg.to_dict(), dir=str(run_dir), mode=wandb_mode(), reinit="finish_previous",
+                                  settings=wandb.Settings(console="off", silent=True, init_timeout=120))
+            self.owned = True
+        except Exception as err:  # tracking is optional: a W&B outage must not cost the training run
+            log.warning("W&B logging off for this run: %s", str(err).strip().splitlines()[0] if str(err).strip() else err)
+            self.run = None
 
     def log(self, values: dict, step: int | None = None) -> None:
         if self.run is not None:
-            self.run.log({k: float(v) for k, v in values.items()}, step=step)
+            self.run.log({k.removeprefix("dev/"): float(v) for k, v in values.items()}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:
             self.run.summary.update(values)
 
     def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+        """Close the run this tracker opened (called from train()'s `finally`, so also on failure)."""
+        run, owned = self.run, self.owned
+        self.run, self.owned = None, False
+        if run is not None and owned:
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as err:  # never mask the training error that may be on its way out
+                log.warning("W&B finish failed: %s", err)
