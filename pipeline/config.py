@@ -282,7 +282,7 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     if not path.exists():
         raise ConfigError(f"{path}: params file not found")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

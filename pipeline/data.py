@@ -7,11 +7,10 @@ The prepare stage writes, per task and split, a safetensors file of token ids
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import os
-import sys
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -28,7 +27,9 @@ log = logging.getLogger(__name__)
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/main/data/"
 MAX_SENTENCE_CHARS = 100_000
-csv.field_size_limit(10 * MAX_SENTENCE_CHARS)
+MAX_LINE_CHARS = 10 * MAX_SENTENCE_CHARS
+csv.field_size_limit(MAX_LINE_CHARS)
+_LINE_END = re.compile(r"\r\n|\r|\n")  # what a CSV reader ends lines on; not str.splitlines' Unicode breaks
 
 
 @dataclass(frozen=True)
@@ -148,71 +149,88 @@ class Examples:
 
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{path}: file is empty")
     try:
-        return raw.decode("utf-8-sig")  # a byte-order mark is tolerated, not an error
+        text = raw.decode("utf-8-sig")  # a byte-order mark is tolerated, not an error
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
+def _split_row(line: str) -> tuple[list[str], str | None]:
+    """One physical line as tab-separated fields, or why it cannot be read.
+
+    Rows are parsed line by line, so a stray quote spoils its own row only: a reader over
+    the whole file would run on to the next closing quote and swallow the rows between.
+    """
+    if len(line) > MAX_LINE_CHARS:
+        return [], f"line longer than {MAX_LINE_CHARS} characters"
+    return next(csv.reader((line,), delimiter="\t", quotechar='"'), []), None
+
+
+def _unclosed_quote(line: str) -> bool:
+    try:
+        next(csv.reader((line,), delimiter="\t", quotechar='"', strict=True), None)
+    except csv.Error as err:
+        return "unexpected end of data" in str(err)
+    return False
 
 
 def read_task_file(path: Path, spec: FileSpec) -> tuple[Examples, list[BadRow], int]:
     """Parse one file; return the valid examples, the bad rows and the number of data rows seen."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    text = _decode(path)
-    first = text.splitlines()[0] if text else ""
-    if "\t" not in first:
-        raise DataError(f"{path}:1: header is not tab-separated (got {first[:60]!r})")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"')
-    header = [h.strip() for h in next(reader)]
+    lines = _LINE_END.split(_decode(path))
+    if lines[-1] == "":  # the final line end
+        lines.pop()
+    if "\t" not in lines[0]:
+        raise DataError(f"{path}:1: header is not tab-separated (got {lines[0][:60]!r})")
+    header = [h.strip() for h in _split_row(lines[0])[0]]
     required = ["id", *spec.text_cols] + ([spec.label_col] if spec.label_col else [])
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(f"{path}:1: header {header} lacks column(s) {', '.join(missing)}")
     col = {name: header.index(name) for name in required}
-    out, bad, seen_ids, rows = Examples(), [], set(), 0
-    line = reader.line_num + 1
-    try:
-        for row in reader:
-            rows += 1
-            start, line = line, reader.line_num + 1
+    out, bad, seen_ids = Examples(), [], set()
+    for line_no, line in enumerate(lines[1:], start=2):
+        row, unreadable = _split_row(line)
 
-            def reject(reason: str) -> None:
-                bad.append(BadRow(spec.filename, start, reason))
+        def reject(reason: str) -> None:
+            bad.append(BadRow(spec.filename, line_no, reason))
 
-            if len(row) != len(header):
-                reject(f"expected {len(header)} tab-separated fields, found {len(row)}")
-                continue
-            ex_id = row[col["id"]].strip()
-            texts = [row[col[c]].strip() for c in spec.text_cols]
-            problems = ["empty id"] if not ex_id else []
-            problems += [f"empty {c}" for c, t in zip(spec.text_cols, texts) if not t]
-            if any(len(t) > MAX_SENTENCE_CHARS for t in texts):
-                problems.append(f"sentence longer than {MAX_SENTENCE_CHARS} characters")
-            label = 0.0
-            if spec.label_col:
-                raw = row[col[spec.label_col]].strip()
-                label_problem = _label_problem(raw, spec)
-                if label_problem:
-                    problems.append(label_problem)
-                else:
-                    label = float(raw)
-            if problems:  # every problem of the row, not just the first
-                reject("; ".join(problems))
-                continue
-            if ex_id in seen_ids:
-                reject(f"duplicate id {ex_id}")
-                continue
-            seen_ids.add(ex_id)
-            out.ids.append(ex_id)
-            out.s1.append(texts[0])
-            if spec.pair:
-                out.s2.append(texts[1])
-            out.labels.append(label)
-    except csv.Error as err:
-        raise DataError(f"{path}:{line}: unreadable CSV ({err})") from None
+        if len(row) != len(header):
+            found = f"expected {len(header)} tab-separated fields, found {len(row)}"
+            reject(unreadable or (f"unclosed quote ({found})" if _unclosed_quote(line) else found))
+            continue
+        ex_id = row[col["id"]].strip()
+        texts = [row[col[c]].strip() for c in spec.text_cols]
+        problems = ["empty id"] if not ex_id else []
+        problems += [f"empty {c}" for c, t in zip(spec.text_cols, texts) if not t]
+        if any(len(t) > MAX_SENTENCE_CHARS for t in texts):
+            problems.append(f"sentence longer than {MAX_SENTENCE_CHARS} characters")
+        label = 0.0
+        if spec.label_col:
+            raw = row[col[spec.label_col]].strip()
+            label_problem = _label_problem(raw, spec)
+            if label_problem:
+                problems.append(label_problem)
+            else:
+                label = float(raw)
+        if problems:  # every problem of the row, not just the first
+            reject("; ".join(problems))
+            continue
+        if ex_id in seen_ids:
+            reject(f"duplicate id {ex_id}")
+            continue
+        seen_ids.add(ex_id)
+        out.ids.append(ex_id)
+        out.s1.append(texts[0])
+        if spec.pair:
+            out.s2.append(texts[1])
+        out.labels.append(label)
+    rows = len(lines) - 1
     if rows == 0:
         raise DataError(f"{path}: header only, no data rows")
     return out, bad, rows
@@ -251,6 +269,8 @@ def prepare(data_cfg, tokenizer, backbone_id: str) -> dict:
             report["files"][spec.filename] = {"status": "absent (optional)"}
             continue
         examples, bad, rows = read_task_file(path, spec)
+        if not examples.ids:  # nothing to train or score on: a wrong delimiter or format throughout
+            raise DataError(f"{path}: none of its {rows} rows is valid (line {bad[0].line}: {bad[0].reason})")
         if data_cfg.limit:
             for attr in ("ids", "s1", "s2", "labels"):
                 setattr(examples, attr, getattr(examples, attr)[: data_cfg.limit])

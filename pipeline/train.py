@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from pipeline import io as pio
 from pipeline.balancers import make_balancer
 from pipeline.data import collate, epoch_size, epoch_sample, length_batches, load_split, to_device, tokenizer_info
-from pipeline.errors import NonFiniteLossError, PipelineError
+from pipeline.errors import ConfigError, NonFiniteLossError, PipelineError
 from pipeline.evaluate import score_tasks
 from pipeline.model import build_model
 from pipeline.tracking import RunRecord, WandbTracker
@@ -47,6 +48,27 @@ class TrainState:
     best_epoch: int = -1
     skipped_batches: int = 0
     history: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)  # trajectory_params() of the run, checked on resume
+
+
+# May differ between a run and its resume: they do not change the trajectory (epochs extends it).
+RESUMABLE_CHANGES = ("train.epochs", "train.device", "train.threads", "train.checkpoint_every")
+
+
+def trajectory_params(cfg) -> dict:
+    """The model and train parameters that fix a run's trajectory, flat."""
+    flat = {f"{sec}.{k}": v for sec in ("model", "train") for k, v in asdict(getattr(cfg, sec)).items()}
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
+
+
+def check_resumable(ckpt: Path, params: dict) -> None:
+    """Refuse, in one line, to continue a checkpoint written with other parameters."""
+    saved = json.loads((ckpt / "state.json").read_text()).get("params") or params  # older checkpoints: none
+    changed = [k for k in sorted(set(saved) | set(params)) if saved.get(k) != params.get(k)]
+    if changed:
+        diff = ", ".join(f"{k}={saved.get(k)!r}->{params.get(k)!r}" for k in changed)
+        raise ConfigError(f"{ckpt}: checkpoint was written with other parameters ({diff}); "
+                          f"restore them to resume, or start over with --no-resume")
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,8 +95,8 @@ def _autocast(device: torch.device):
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, balancer, state: TrainState, steps: list[dict]) -> None:
-    """Write checkpoint.new/, then swap it in: a kill at any moment leaves one complete checkpoint."""
-    final, new, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.new", run_dir / f"{CHECKPOINT}.old"
+    """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint."""
+    final, new, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}{pio.TMP_SUFFIX}", run_dir / f"{CHECKPOINT}.old"
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(new / "model.safetensors"))
@@ -86,8 +108,6 @@ def save_checkpoint(run_dir: Path, model, optimizer, balancer, state: TrainState
     (new / "state.json").write_text(json.dumps(asdict(state)))
     for f in new.iterdir():
         with open(f, "rb") as fh:
-            import os
-
             os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -116,6 +136,14 @@ def load_checkpoint(path: Path, model, optimizer, balancer) -> tuple[TrainState,
     return state, steps
 
 
+def check_weights_finite(model, where: str) -> None:
+    """Refuse to checkpoint a model an update has made non-finite: the last good checkpoint stays."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise NonFiniteLossError(f"weights {bad[0]}{more} became non-finite {where}; the last good checkpoint is kept")
+
+
 def save_best(run_dir: Path, model, cfg, scores: dict) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(cfg.to_dict()), "scores": json.dumps(scores)}
@@ -133,30 +161,40 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
     exception it raises (e.g. optuna.TrialPruned) ends the run with status 'pruned'.
     """
     run_dir = Path(run_dir or cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
     device = pick_device(tc.device)
     tasks = list(tc.tasks)
-    pad_id = tokenizer_info(cfg.data.prepared_dir)["pad_id"]
+    vocab = tokenizer_info(cfg.data.prepared_dir)
+    pad_id = vocab["pad_id"]
     train_data = {t: load_split(cfg.data.prepared_dir, t, "train") for t in tasks}
     dev_data = {t: load_split(cfg.data.prepared_dir, t, "dev").subset(tc.eval_limit) for t in tasks}
 
     model = build_model(cfg.model, tasks).to(device)
+    rows = model.bert.get_input_embeddings().num_embeddings
+    if vocab["vocab_size"] > rows:  # token ids past the embedding table would fail deep in the first forward
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r} embeds {rows} tokens but {cfg.data.prepared_dir} was "
+                          f"tokenised with a {vocab['vocab_size']}-token vocabulary; run prepare with this backbone")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {}))
     balancer = make_balancer(tc.balancer if len(tasks) > 1 else "sum", model, tasks, tc)
 
-    record = RunRecord(run_dir, cfg)
-    tracker = WandbTracker(cfg, run_dir, cfg.tracking.wandb)
-    state, steps_log = TrainState(), []
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad backbone or data leaves nothing behind
+    pio.remove_stale_temps(run_dir)  # what a killed run was half-way through writing
+    shutil.rmtree(run_dir / f"{CHECKPOINT}{pio.TMP_SUFFIX}", ignore_errors=True)
+    state, steps_log = TrainState(params=trajectory_params(cfg)), []
     ckpt = find_checkpoint(run_dir) if resume else None
     if ckpt is not None:
+        check_resumable(ckpt, state.params)  # before the record is touched
+    record = RunRecord(run_dir, cfg)
+    tracker = WandbTracker(cfg, run_dir, cfg.tracking.wandb)
+    if ckpt is not None:
         state, steps_log = load_checkpoint(ckpt, model, optimizer, balancer)
-        log.info("resuming %s from epoch %d step %d", run_dir, state.epoch, state.step_in_epoch)
+        state.params = trajectory_params(cfg)
+        log.info("resuming %s from its checkpoint at epoch %d step %d", run_dir, state.epoch + 1, state.step_in_epoch + 1)
 
     sizes = {t: len(d) for t, d in train_data.items()}
     per_task = epoch_size(tc.schedule, sizes, tc.epoch_fraction)
@@ -170,8 +208,6 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
             n_steps = min(len(b) for b in schedule.values())
             model.train()
             t_epoch = time.time()
-            sums = torch.zeros(len(tasks), dtype=torch.float64)
-            counted = 0
             bar = tqdm(range(state.step_in_epoch, n_steps), desc=f"{cfg.name} epoch {epoch + 1}/{tc.epochs}",
                        initial=state.step_in_epoch, total=n_steps, leave=False, disable=None)
             for step in bar:
@@ -195,8 +231,6 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 balancer.after_step()
-                sums += stacked.double()
-                counted += 1
                 state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
                 entry = {"step": state.global_step, "epoch": epoch + 1,
                          **{f"loss_{t}": float(stacked[i]) for i, t in enumerate(tasks)},
@@ -206,11 +240,15 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
                 if step % 10 == 0:
                     bar.set_postfix({t: f"{float(stacked[i]):.3f}" for i, t in enumerate(tasks)})
                 if tc.checkpoint_every and state.global_step % tc.checkpoint_every == 0 and state.step_in_epoch < n_steps:
+                    check_weights_finite(model, f"at epoch {epoch + 1} step {step + 1}")
                     save_checkpoint(run_dir, model, optimizer, balancer, state, steps_log)
             bar.close()
+            check_weights_finite(model, f"in epoch {epoch + 1}")
             scores, _ = score_tasks(model, dev_data, pad_id, cfg.eval.batch_size, device)
+            # From the step log, not running sums: a run resumed mid-epoch has the epoch's early steps there only.
+            done = [s for s in steps_log if s["epoch"] == epoch + 1]
             entry = {"epoch": epoch + 1, "steps": n_steps, "train_time_s": round(time.time() - t_epoch, 2),
-                     **{f"train_loss_{t}": (sums[i] / max(counted, 1)).item() for i, t in enumerate(tasks)},
+                     **{f"train_loss_{t}": sum(s[f"loss_{t}"] for s in done) / max(len(done), 1) for t in tasks},
                      **scores}
             state.history.append(entry)
             log.info("%s epoch %d: %s", cfg.name, epoch + 1,
@@ -219,10 +257,11 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
                 state.best_score, state.best_epoch = scores["avg"], epoch + 1
                 save_best(run_dir, model, cfg, scores)
             state.epoch, state.step_in_epoch = epoch + 1, 0
-            save_checkpoint(run_dir, model, optimizer, balancer, state, steps_log)
+            # Outputs first, checkpoint last: a kill in between replays the epoch and rewrites them the same.
             pio.write_json(run_dir / HISTORY, state.history)
             pio.write_text(run_dir / STEPS, "".join(json.dumps(s) + "\n" for s in steps_log))
             record.set_history(state.history)
+            save_checkpoint(run_dir, model, optimizer, balancer, state, steps_log)
             tracker.log({f"dev/{k}": v for k, v in scores.items()}, step=state.global_step)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, scores)
