@@ -43,10 +43,11 @@ def data_checksums(prepared_dir: str | Path) -> dict:
 class RunRecord:
     """The run's self-describing record, rewritten atomically on every change."""
 
-    def __init__(self, run_dir: str | Path, cfg, kind: str = "train", origin: str | None = None):
+    def __init__(self, run_dir: str | Path, cfg, kind: str = "train", origin: str | None = None, resume: bool = True):
         self.path = Path(run_dir) / RECORD
         self.t0 = time.time()
-        previous = pio.read_json(self.path) if self.path.exists() else {}
+        # A resumed run keeps its history and wall time; a fresh start (no checkpoint) starts a fresh record.
+        previous = pio.read_json(self.path) if resume and self.path.exists() else {}
         self.data = {
             "name": cfg.name,
             "kind": kind,
@@ -149,8 +150,8 @@ class WandbTracker:
 
     A run already active in this process (a W&B sweep agent's, opened by
     sweeps/wandb_entry.py) is reused and left for its owner to finish.
-    Metric keys are those of metrics.json and steps.jsonl: the loop's `dev/<key>`
-    epoch scores are logged as `<key>`, so a W&B sweep's `metric: avg` sees every epoch.
+    Metric keys are those of metrics.json and steps.jsonl, so a W&B sweep's
+    `metric: avg` sees every epoch's dev score.
     """
 
     def __init__(self, cfg, run_dir: Path, enabled: bool):
@@ -175,7 +176,7 @@ class WandbTracker:
 
     def log(self, values: dict, step: int | None = None) -> None:
         if self.run is not None:
-            self.run.log({k.removeprefix("dev/"): float(v) for k, v in values.items()}, step=step)
+            self.run.log({k: float(v) for k, v in values.items()}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:

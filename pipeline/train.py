@@ -189,18 +189,17 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
     ckpt = find_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, state.params)  # before the record is touched
-    record = RunRecord(run_dir, cfg)
-    tracker = WandbTracker(cfg, run_dir, cfg.tracking.wandb)
-    if ckpt is not None:
-        state, steps_log = load_checkpoint(ckpt, model, optimizer, balancer)
-        state.params = trajectory_params(cfg)
-        log.info("resuming %s from its checkpoint at epoch %d step %d", run_dir, state.epoch + 1, state.step_in_epoch + 1)
-
+    record = RunRecord(run_dir, cfg, resume=ckpt is not None)
     sizes = {t: len(d) for t, d in train_data.items()}
     per_task = epoch_size(tc.schedule, sizes, tc.epoch_fraction)
     cross = cfg.model.para_head == "cross"
-    status, error = "failed", None
-    try:
+    status, error, tracker = "failed", None, None
+    try:  # from here on, whatever happens, the record and the W&B run are closed
+        tracker = WandbTracker(cfg, run_dir, cfg.tracking.wandb)
+        if ckpt is not None:
+            state, steps_log = load_checkpoint(ckpt, model, optimizer, balancer)
+            state.params = trajectory_params(cfg)
+            log.info("resuming %s from its checkpoint at epoch %d step %d", run_dir, state.epoch + 1, state.step_in_epoch + 1)
         for epoch in range(state.epoch, tc.epochs):
             rng = np.random.default_rng([tc.seed, epoch])
             schedule = {t: length_batches(epoch_sample(sizes[t], per_task, rng), train_data[t].lengths,
@@ -262,7 +261,7 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
             pio.write_text(run_dir / STEPS, "".join(json.dumps(s) + "\n" for s in steps_log))
             record.set_history(state.history)
             save_checkpoint(run_dir, model, optimizer, balancer, state, steps_log)
-            tracker.log({f"dev/{k}": v for k, v in scores.items()}, step=state.global_step)
+            tracker.log(scores, step=state.global_step)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, scores)
         best = dict(state.history[state.best_epoch - 1]) if state.best_epoch > 0 else {}
@@ -278,5 +277,6 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
                         if state.best_epoch > 0 else {})
         record.finish(status, {**best_metrics, "best_epoch": state.best_epoch, "skipped_batches": state.skipped_batches},
                       error)
-        tracker.summary(best_metrics)
-        tracker.finish(exit_code=0 if status == "completed" else 1)
+        if tracker is not None:
+            tracker.summary(best_metrics)
+            tracker.finish(exit_code=0 if status == "completed" else 1)

@@ -96,7 +96,7 @@ def test_active_run_is_reused_and_left_to_its_owner(make_cfg, tmp_path, fake_wan
     monkeypatch.setattr(wandb, "run", owner)
     cfg = make_cfg("tracking.wandb=true")
     tracker = WandbTracker(cfg, tmp_path, enabled=True)
-    tracker.log({"dev/avg": 0.5}, step=3)
+    tracker.log({"avg": 0.5}, step=3)
     tracker.finish(exit_code=0)
     assert not fake_wandb and owner.logged == [(3, {"avg": 0.5})]
     assert owner.config["train"] == cfg.to_dict()["train"] and owner.finished == []
