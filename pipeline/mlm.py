@@ -230,8 +230,7 @@ def run_mlm(cfg) -> dict:
         raise ConfigError(f"model.backbone={cfg.model.backbone!r} has {backbone.config.vocab_size} token embeddings but "
                           f"{cfg.data.prepared_dir} was tokenised with {info['vocab_size']}; run prepare with this backbone")
     model = MaskedLM(backbone, tie_decoder=cfg.mlm.tie_decoder).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=mc.lr, weight_decay=cfg.train.weight_decay,
-                                  **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=mc.lr, weight_decay=cfg.train.weight_decay, fused=True)
     generator = torch.Generator().manual_seed(mc.seed)
     masking = _MaskingState(generator, _fingerprint(cfg, info))
 

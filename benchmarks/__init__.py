@@ -1,0 +1,1 @@
+"""Throughput and overhead measurements of the pipeline (`make bench`, `python -m benchmarks.run`)."""
