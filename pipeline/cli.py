@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/<experiment>/s<seed>)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--evaluate", action="store_true",
+                   help="then run the evaluate stage in the same process (saves a process start per experiment)")
     p = sub.add_parser("evaluate", help=STAGE_HELP["evaluate"], description=STAGE_HELP["evaluate"])
     _config_args(p)
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<experiment>/s<seed>)")
@@ -99,6 +101,10 @@ def dispatch(args) -> int:
         cfg = _load(args)
         best = train(cfg, run_dir=args.run_dir, resume=not args.no_resume)
         log.info("%s best dev: %s", cfg.name, " ".join(f"{k}={v:.4f}" for k, v in best.items() if isinstance(v, float)))
+        if args.evaluate:
+            from pipeline.stages import run_evaluate
+
+            run_evaluate(cfg, run_dir=args.run_dir)
     elif args.stage == "evaluate":
         from pipeline.stages import run_evaluate
 

@@ -157,6 +157,7 @@ class MLMConfig:
 class EvalConfig:
     dev_limit: int = _help("dev examples per task scored by the evaluate stage (0: all; the cpu profile scores a fixed prefix)", 0)
     batch_size: int = _help("sentences per evaluation batch", 64)
+    test_predictions: bool = _help("also write CS224N test-set prediction files (the report makes Table 3's if skipped)", True)
 
     def __post_init__(self):
         if self.dev_limit < 0 or self.batch_size <= 0:

@@ -337,14 +337,29 @@ class TaskData:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, n: int) -> "TaskData":
-        """The first n examples (evaluation limits); a view, nothing copied."""
+    def subset(self, n: int, seed: int = 0) -> "TaskData":
+        """n examples drawn at random (a fixed seed, so every run scores the same ones), in file order.
+
+        Not the first n: the CS224N dev files are not shuffled (SST dev is sorted by label).
+        """
         if n <= 0 or n >= len(self):
             return self
+        rows = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
         sub = object.__new__(TaskData)
         sub.__dict__.update(self.__dict__)
-        sub.ids, sub.labels, sub.lengths = self.ids[:n], self.labels[:n], self.lengths[:n]
+        sub.ids = [self.ids[i] for i in rows]
+        sub.labels, sub.lengths = self.labels[torch.from_numpy(rows)], self.lengths[rows]
+        sub.s1 = _take(self.s1, rows)
+        sub.s2 = _take(self.s2, rows) if self.s2 is not None else None
         return sub
+
+
+def _take(part: tuple[torch.Tensor, np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """The sentences `rows` of a (flat ids, offsets) pair, as a new compact pair."""
+    flat, offsets = part
+    pieces = [flat[offsets[i]: offsets[i + 1]] for i in rows]
+    new_offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+    return torch.cat(pieces) if pieces else flat[:0], new_offsets
 
 
 def load_split(prepared_dir: str | Path, task: str, split: str) -> TaskData:

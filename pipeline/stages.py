@@ -57,7 +57,7 @@ def run_evaluate(cfg, run_dir: Path | None = None) -> dict:
     out = run_dir / "predictions"
     for t in tasks:
         write_leaderboard_file(out / f"{t}-dev-output.csv", t, dev[t].ids, preds[t])
-        if (Path(prepared) / f"{t}-test.safetensors").exists():
+        if cfg.eval.test_predictions and (Path(prepared) / f"{t}-test.safetensors").exists():
             test = load_split(prepared, t, "test")
             write_leaderboard_file(out / f"{t}-test-output.csv", t, test.ids,
                                    predict(model, test, pad_id, batch, device))

@@ -110,10 +110,19 @@ def save_checkpoint(run_dir: Path, model, optimizer, balancer, state: TrainState
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
         final.rename(old)
     new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _discard(old)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder so that a kill half-way leaves only scratch: renamed to *.tmp first, then removed."""
+    if folder.exists():
+        trash = folder.with_name(f"{folder.name}.trash{pio.TMP_SUFFIX}")
+        shutil.rmtree(trash, ignore_errors=True)
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -189,7 +198,8 @@ def train(cfg, run_dir: str | Path | None = None, on_epoch_end: Callable[[int, d
 
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad backbone or data leaves nothing behind
     pio.remove_stale_temps(run_dir)  # what a killed run was half-way through writing
-    shutil.rmtree(run_dir / f"{CHECKPOINT}{pio.TMP_SUFFIX}", ignore_errors=True)
+    for scratch in run_dir.glob(f"{CHECKPOINT}*{pio.TMP_SUFFIX}"):  # staging or half-deleted checkpoints
+        shutil.rmtree(scratch, ignore_errors=True)
     state, steps_log = TrainState(params=trajectory_params(cfg)), []
     ckpt = find_checkpoint(run_dir) if resume else None
     if ckpt is not None:

@@ -24,7 +24,7 @@ def test_help_lists_stages():
 
 def test_prepare_train_evaluate(tmp_path, tiny_backbone):
     data = write_micro_data(tmp_path / "data", rows=24)
-    sets = [a for o in micro_overrides(tmp_path, tiny_backbone, data) for a in ("-S", o)]
+    sets = [a for o in micro_overrides(tmp_path, tiny_backbone, data) + ["eval.test_predictions=true"] for a in ("-S", o)]
     assert _cli("prepare", *sets).returncode == 0
     res = _cli("train", "-e", "baseline", *sets)
     assert res.returncode == 0, res.stderr[-2000:]
