@@ -36,7 +36,7 @@ repro: install
 	@echo "Report: reports/REPORT.md (tables in reports/tables, figures in reports/figures)"
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
