@@ -123,7 +123,9 @@ def write_report_md(path: Path, c: dict) -> Path:
           f"- Intervals: {settings.n_boot} bootstrap resamples of the dev examples, {settings.ci:.0%} percentile "
           f"intervals, resampling seed {settings.seed}; differences are paired (same resampled examples).",
           (f"- MLM further pretraining: masked-token dev accuracy {mlm['mlm_dev_acc']:.3f} "
-           f"(`{mlm_metrics.as_posix()}`)." if "mlm_dev_acc" in mlm else "- MLM backbone: no metrics yet."), ""]
+           f"(`{mlm_metrics.as_posix()}`)." if "mlm_dev_acc" in mlm else "- MLM backbone: no metrics yet."),
+          "- Speed and overheads (our loop against a naive one, PCGrad and GradNorm against the summed loss "
+          "and against torchjd / gradnorm-pytorch): [benchmarks.md](benchmarks.md), written by `make bench`.", ""]
 
     base = next((r for r in c["tables"][2] if r.label == "Baseline"), None)
     maj = c["majority"]
