@@ -124,22 +124,28 @@ def dispatch(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+def run_guarded(action, verbose: bool = False) -> int:
+    """Logging set up, offline defaults, then `action()`; a PipelineError becomes one line and exit 2."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return dispatch(args)
+        action()
+        return 0
     except PipelineError as err:
         log.error("%s", err)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: dispatch(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

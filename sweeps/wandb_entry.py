@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EXTENSIONS, SECTION_CLASSES, load_config, parse_override
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("sweeps.wandb")
 
@@ -124,20 +124,9 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run(args)
-    except PipelineError as err:
-        log.error("%s", err)
-        return 2
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
-    return 0
+    from pipeline.cli import run_guarded
+
+    return run_guarded(lambda: run(args))
 
 
 if __name__ == "__main__":
