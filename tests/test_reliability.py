@@ -198,27 +198,32 @@ def _fork_cli(argv: list[str], hook=None) -> int:
     return pid
 
 
-def _wait(pid: int, timeout: float = 180) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError("child run did not finish")
-
-
-def _kill_after(pid: int, delay: float) -> int:
-    deadline = time.time() + delay
+def _poll(pid: int, seconds: float) -> int | None:
+    """The child's exit code if it ends within `seconds`, else None (it is still running)."""
+    deadline = time.time() + seconds
     while time.time() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
         time.sleep(0.002)
+    return None
+
+
+def _kill_after(pid: int, delay: float) -> int:
+    code = _poll(pid, delay)
+    if code is not None:
+        return code
     os.kill(pid, signal.SIGKILL)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _wait(pid: int, timeout: float = 180) -> int:
+    code = _poll(pid, timeout)
+    if code is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("child run did not finish")
+    return code
 
 
 def _training_started(pid: int, run: Path, t0: float) -> bool:
