@@ -65,7 +65,12 @@ class ModelConfig:
     heads: str = _help("linear (paper baseline) or relu (MLP heads, the ReLU extension)", "linear")
     relu_widths: list = _help("hidden widths of the ReLU heads (paper: 256, 64)", [256, 64])
     sts_head: str = _help("concat (linear on [e1;e2], baseline) or cos (cosine of e1, e2: the Cos extension)", "concat")
+    cos_target: str = _help("what the Cos head's cosine is regressed on: signed (labels 0..5 -> [-1, 1], the paper) "
+                            "or unit (labels -> [0, 1], sentence-transformers' practice: unrelated pairs stay orthogonal)",
+                            "signed")
     para_head: str = _help("concat (bi-encoder, paper) or cross ([CLS] s1 [SEP] s2 cross-encoder)", "concat")
+    pair_features: str = _help("input of the bi-encoder pair heads: concat ([e1;e2], the paper) or "
+                               "sbert ([e1;e2;|e1-e2|;e1*e2], Sentence-BERT's classifier features)", "concat")
     mode: str = _help("finetune (all weights train) or pretrain (backbone frozen, heads only)", "finetune")
     init_from: str = _help("directory of a further-pretrained backbone (the pretrain-mlm output); empty: none", "")
 
@@ -74,6 +79,8 @@ class ModelConfig:
         _choice("model", "heads", self.heads, ("linear", "relu"))
         _choice("model", "sts_head", self.sts_head, ("concat", "cos"))
         _choice("model", "para_head", self.para_head, ("concat", "cross"))
+        _choice("model", "cos_target", self.cos_target, ("signed", "unit"))
+        _choice("model", "pair_features", self.pair_features, ("concat", "sbert"))
         _choice("model", "mode", self.mode, ("finetune", "pretrain"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must lie in [0, 1)")
@@ -92,6 +99,10 @@ class TrainConfig:
     gn_alpha: float = _help("GradNorm asymmetry alpha", 1.0)
     gn_lr: float = _help("learning rate of the GradNorm task weights", 0.025)
     lr: float = _help("AdamW learning rate", 1e-5)
+    head_lr: float = _help("AdamW learning rate of the task heads (0: train.lr); heads start from random, the backbone does not", 0.0)
+    lr_schedule: str = _help("learning-rate schedule over the whole run: constant (the paper), linear or cosine decay "
+                             "(transformers' schedulers)", "constant")
+    warmup_ratio: float = _help("share of the run's steps over which the lr rises linearly from 0 (0: none)", 0.0)
     weight_decay: float = _help("AdamW weight decay", 0.01)
     batch_size: int = _help("examples per task per step", 8)
     epochs: int = _help("training epochs", 25)
@@ -110,8 +121,13 @@ class TrainConfig:
             raise ConfigError(f"train.tasks={self.tasks} must name tasks from {', '.join(ALL_TASKS)}")
         if len(self.tasks) > 1 and sorted(self.tasks) != sorted(TASKS):
             raise ConfigError(f"train.tasks={self.tasks}: multitask training takes exactly sst, para, sts")
+        _choice("train", "lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if self.head_lr < 0:
+            raise ConfigError(f"train.head_lr={self.head_lr} must be >= 0 (0: the same as train.lr)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
         if self.batch_size <= 0:
             raise ConfigError(f"train.batch_size={self.batch_size} must be > 0")
         if self.epochs <= 0:

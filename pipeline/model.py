@@ -78,6 +78,7 @@ class MultitaskBert(nn.Module):
         hidden = backbone.config.hidden_size
         self.dropout = nn.Dropout(cfg.dropout)
         widths = list(cfg.relu_widths) if cfg.heads == "relu" else []
+        pair_in = (4 if cfg.pair_features == "sbert" else 2) * hidden  # bi-encoder pair-head input width
         from pipeline.data import NUM_CLASSES
 
         self.heads = nn.ModuleDict()
@@ -85,11 +86,11 @@ class MultitaskBert(nn.Module):
             if task in NUM_CLASSES:
                 self.heads[task] = mlp([hidden, *widths, NUM_CLASSES[task]], cfg.dropout)
             elif task == "para":
-                first = hidden if cfg.para_head == "cross" else 2 * hidden
+                first = hidden if cfg.para_head == "cross" else pair_in
                 # The paper doubles the first hidden width for pair heads (2*256 -> 64).
                 self.heads[task] = mlp([first, *([2 * widths[0], *widths[1:]] if widths else []), 1], cfg.dropout)
             elif task == "sts" and cfg.sts_head == "concat":
-                self.heads[task] = mlp([2 * hidden, *([2 * widths[0], *widths[1:]] if widths else []), 1], cfg.dropout)
+                self.heads[task] = mlp([pair_in, *([2 * widths[0], *widths[1:]] if widths else []), 1], cfg.dropout)
         if cfg.mode == "pretrain":
             for p in self.bert.parameters():
                 p.requires_grad_(False)
@@ -115,6 +116,20 @@ class MultitaskBert(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.bert.parameters() if p.requires_grad]
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.heads.parameters() if p.requires_grad]
+
+    def pair_input(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pair_features == "sbert":
+            return torch.cat([e1, e2, (e1 - e2).abs(), e1 * e2], dim=-1)
+        return torch.cat([e1, e2], dim=-1)
+
+    def cos_target(self, labels: torch.Tensor) -> torch.Tensor:
+        """STS labels 0..5 on the cosine scale the Cos head is trained against."""
+        if self.cfg.cos_target == "unit":
+            return labels / STS_MAX
+        return labels * (2.0 / STS_MAX) - 1.0
+
     # -- task outputs
     def forward(self, task: str, batch: dict) -> torch.Tensor:
         """Raw task output: class logits (sentiment), a logit (para) or a score (sts)."""
@@ -127,7 +142,7 @@ class MultitaskBert(nn.Module):
         e1, e2 = emb[:n], emb[n:]
         if task == "sts" and self.cfg.sts_head == "cos":
             return F.cosine_similarity(e1, e2, dim=-1, eps=1e-8)
-        return self.heads[task](torch.cat([e1, e2], dim=-1)).squeeze(-1)
+        return self.heads[task](self.pair_input(e1, e2)).squeeze(-1)
 
     def loss(self, task: str, batch: dict) -> torch.Tensor:
         out = self.forward(task, batch)
@@ -137,7 +152,7 @@ class MultitaskBert(nn.Module):
         if task == "para":
             return F.binary_cross_entropy_with_logits(out.float(), y.float())
         if self.cfg.sts_head == "cos":
-            return F.mse_loss(out.float(), y.float() * (2.0 / STS_MAX) - 1.0)  # labels into [-1, 1]
+            return F.mse_loss(out.float(), self.cos_target(y.float()))
         return F.mse_loss(out.float(), y.float())
 
     @torch.inference_mode()
@@ -148,8 +163,8 @@ class MultitaskBert(nn.Module):
             return out.argmax(-1)
         if task == "para":
             return (out > 0).long()
-        if self.cfg.sts_head == "cos":
-            return (out + 1.0) * (STS_MAX / 2.0)
+        if self.cfg.sts_head == "cos":  # back onto 0..5 (Pearson is unaffected; the prediction files are not)
+            return out * STS_MAX if self.cfg.cos_target == "unit" else (out + 1.0) * (STS_MAX / 2.0)
         return out
 
 

@@ -89,3 +89,42 @@ def test_nonfinite_loss_stops_and_marks_failed(make_cfg, tmp_path, monkeypatch):
     assert skipped["skipped_batches"] if "skipped_batches" in skipped else True
     record = json.loads((tmp_path / "skip" / "record.json").read_text())
     assert record["status"] == "completed" and record["metrics"]["skipped_batches"] > 0
+
+
+def test_cos_target_unit_and_signed(make_cfg, prepared):
+    """Cos head: MSE against labels/5 (unit) or 2*labels/5-1 (signed); predictions map back onto 0..5."""
+    data = load_split(prepared, "sts", "train")
+    batch = collate(data, np.arange(6), 0)
+    y = batch["labels"].float()
+    for target, to_cos in (("unit", lambda s: s / 5), ("signed", lambda s: s * 2 / 5 - 1)):
+        torch.manual_seed(0)
+        model = build_model(make_cfg("model.sts_head=cos", f"model.cos_target={target}").model, ["sts"]).eval()
+        cos = model("sts", batch)
+        assert torch.allclose(model.loss("sts", batch), torch.nn.functional.mse_loss(cos, to_cos(y)))
+        assert torch.allclose(to_cos(model.predict("sts", batch)), cos, atol=1e-6)
+
+
+def test_sbert_pair_features(make_cfg, prepared):
+    """pair_features=sbert feeds [u; v; |u-v|; u*v] to the bi-encoder pair heads."""
+    cfg = make_cfg("model.pair_features=sbert", "model.heads=relu", "model.relu_widths=[8, 4]")
+    model = build_model(cfg.model, ["sst", "para", "sts"]).eval()
+    h = model.bert.config.hidden_size
+    assert model.heads["para"][0].in_features == model.heads["sts"][0].in_features == 4 * h
+    u, v = torch.randn(3, h), torch.randn(3, h)
+    assert torch.equal(model.pair_input(u, v), torch.cat([u, v, (u - v).abs(), u * v], dim=-1))
+    batch = collate(load_split(prepared, "para", "train"), np.arange(5), 0)
+    assert model("para", batch).shape == (5,)
+    cross = build_model(make_cfg("model.pair_features=sbert", "model.para_head=cross").model, ["para"])
+    assert cross.heads["para"][0].in_features == h  # a cross-encoder sees one sequence: no pair features
+
+
+def test_head_lr_is_a_second_parameter_group(make_cfg):
+    from pipeline.train import make_optimizer
+
+    model = build_model(make_cfg().model, ["sst", "para", "sts"])
+    assert len(make_optimizer(model, make_cfg().train, torch.device("cpu")).param_groups) == 1
+    opt = make_optimizer(model, make_cfg("train.lr=2e-5", "train.head_lr=1e-3").train, torch.device("cpu"))
+    backbone, heads = opt.param_groups
+    assert (backbone["lr"], heads["lr"]) == (2e-5, 1e-3)
+    assert {id(p) for p in heads["params"]} == {id(p) for p in model.heads.parameters()}
+    assert len(backbone["params"]) + len(heads["params"]) == len([p for p in model.parameters() if p.requires_grad])

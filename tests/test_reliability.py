@@ -370,8 +370,8 @@ def test_nonfinite_keeps_last_good_checkpoint_and_cli_fails(base, tmp_path, monk
     run, saved = tmp_path / "run", []
     real_save = pipeline.train.save_checkpoint
 
-    def recording_save(run_dir, model, optimizer, balancer, state, steps):
-        real_save(run_dir, model, optimizer, balancer, state, steps)
+    def recording_save(run_dir, model, optimizer, balancer, state, steps, *rest):
+        real_save(run_dir, model, optimizer, balancer, state, steps, *rest)
         saved.append((state.global_step, {k: v.clone() for k, v in model.state_dict().items()}))
 
     monkeypatch.setattr(pipeline.train, "save_checkpoint", recording_save)
@@ -482,3 +482,33 @@ def test_project_never_unpickles_and_saves_weights_as_safetensors():
     assert problems == []
     loads = sum(p.read_text().count("torch.load(") for p in files)
     assert loads >= 1  # the checkpoint's trainer state, checked above to use weights_only=True
+
+
+def test_lr_schedule_resumes_identically_and_fixes_the_epoch_count(base, tmp_path):
+    """A warmed-up, linearly decaying lr with a separate head lr: killed right after a mid-epoch checkpoint,
+    the same command ends bit-identical to an uninterrupted run; more epochs are refused (the decay is laid
+    out over the run)."""
+    import pipeline.train
+    from pipeline.config import load_config
+
+    root, overrides = base
+    overrides = overrides + ["train.lr_schedule=linear", "train.warmup_ratio=0.3", "train.head_lr=0.01"]
+    ref = tmp_path / "ref"
+    train(load_config(ROOT / "params.yaml", overrides=overrides), run_dir=ref)
+    lrs = [json.loads(line)["lr"] for line in (ref / "steps.jsonl").read_text().splitlines()]
+    peak = lrs.index(max(lrs))
+    assert 0 < peak < len(lrs) - 1 and lrs[0] < lrs[peak] and lrs[-1] < lrs[peak]  # warms up, then decays
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1])) and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+
+    run = tmp_path / "run"
+
+    def after_mid_epoch_checkpoint():
+        _die_when(lambda when, name, args: when == "after" and args[4].epoch == 1 and args[4].step_in_epoch > 0)(
+            pipeline.train, "save_checkpoint")
+
+    assert _wait(_fork_cli(_argv(overrides, run), after_mid_epoch_checkpoint)) == -signal.SIGKILL
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["step_in_epoch"] > 0
+    assert _wait(_fork_cli(_argv(overrides, run))) == 0
+    assert_same_run(run, ref)
+    assert _wait(_fork_cli(_argv(overrides + ["train.epochs=3"], run))) == 2
