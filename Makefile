@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= disabled
 
-.PHONY: install repro test test-fast bench clean
+.PHONY: install repro test test-fast bench quality clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 
 bench: $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Dev quality on the embedded default: a frozen-backbone probe beside the fine-tuned candidates of
+# benchmarks/quality.yaml -> reports/quality.json and .md (~35 min on 2 CPU cores, prepare included).
+# QUALITY_ARGS passes options, e.g. QUALITY_ARGS="--only best".
+quality: install
+	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) data/prepared runs models
