@@ -166,13 +166,10 @@ def make_optimizer(model, train_cfg, device: torch.device) -> torch.optim.Optimi
 
     With train.head_lr set, the task heads form a second parameter group at that rate.
     """
-    if not train_cfg.head_lr or not hasattr(model, "head_parameters"):
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
-    heads = {id(p) for p in model.head_parameters()}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in heads], "lr": train_cfg.lr},
-              {"params": model.head_parameters(), "lr": train_cfg.head_lr}]
-    groups = [g for g in groups if g["params"]]
+    heads = model.head_parameters() if train_cfg.head_lr else []
+    in_heads = {id(p) for p in heads}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_heads]
+    groups = [g for g in ({"params": rest}, {"params": heads, "lr": train_cfg.head_lr}) if g["params"]]
     return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
 
 
