@@ -28,14 +28,26 @@ $(VENV)/.installed: pyproject.toml
 
 # The profile comes from params.yaml (`profile:`), which DVC tracks; an exported MINBERT_PROFILE
 # would make the stages run another profile than the one DVC records, so it is cleared here.
+# `make repro` times itself into reports/repro_timing.json and .md (wall time by install, prepare,
+# cache, MLM, training, evaluation and report): the start is stamped when make reads this file
+# (only when `repro` is a goal), the install end when the recipe starts, and
+# benchmarks/repro_timing.py runs `dvc repro`, relays its output live, times its stages and passes
+# its exit status through. (No $(MAKE) in the recipe: `make -n repro` must not run anything.)
+NOW = $(PYTHON) -c 'import time; print(repr(time.time()))'
+ifneq ($(filter repro,$(MAKECMDGOALS)),)
+REPRO_STARTED := $(shell $(NOW))
+endif
 repro: install
-	@test -d .git || git init -q
-	@test -d .dvc || $(VENV)/bin/dvc init -q
-	MINBERT_PROFILE= PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
-	$(PY) -m pipeline summary
+	@installed=$$($(NOW)) && \
+	{ test -d .git || git init -q; } && \
+	{ test -d .dvc || $(VENV)/bin/dvc init -q; } && \
+	MINBERT_PROFILE= PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m benchmarks.repro_timing \
+		$(if $(REPRO_STARTED),--started $(REPRO_STARTED)) --installed $$installed \
+		--install-marker $(VENV)/.installed --then "$(PY) -m pipeline summary" -- $(VENV)/bin/dvc repro
 	@echo "Report: reports/REPORT.md (tables in reports/tables, figures in reports/figures)"
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: install

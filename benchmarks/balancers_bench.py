@@ -8,9 +8,19 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import (Bench, PhaseClock, agreement, autocast, flat_grad, interleaved, make_adamw,
-                               median_phases, median_total, metric, paired_ratio, spread)
-from benchmarks.steps import loop_step
+from benchmarks.common import (
+    Bench,
+    agreement,
+    flat_grad,
+    interleaved,
+    median_phases,
+    median_total,
+    metric,
+    our_optimizer,
+    paired_ratio,
+    spread,
+)
+from benchmarks.steps import OurStep
 from pipeline.balancers import make_balancer
 
 log = logging.getLogger(__name__)
@@ -21,15 +31,19 @@ AGREEMENT_TOLERANCE = 1e-4  # max |ours - theirs| / max |theirs| for the same al
 
 
 def bench_overheads(bench: Bench, model) -> dict:
-    """Step time of each balancer relative to the summed loss: one step each per round, on the same batch."""
+    """Step time of each balancer relative to the summed loss: one step each per round, on the same batch.
+
+    Each step is `pipeline.train.train_step` on the profile's model and batches (benchmarks/steps.py).
+    """
     s, cfg = bench.settings, bench.cfg
     rng = np.random.default_rng([s.seed, 2])
     plan = bench.loop_plan(s.overhead_rounds, rng)
     warm = bench.loop_plan(s.warmup, rng)
-    optimizer = make_adamw(model, bench.device, cfg.train.lr, cfg.train.weight_decay, train_cfg=cfg.train)
+    optimizer = our_optimizer(model, cfg, bench.device)
     names = ("sum", *OVERHEAD_METHODS)
     balancers = {n: make_balancer(n, model, bench.tasks, cfg.train) for n in names}
-    model.train()
+    cached = bench.train_cached is not None
+    steps = {n: OurStep(bench, model, b, optimizer, bench.precision, cached) for n, b in balancers.items()}
 
     combine_s = {n: [] for n in names}
     for n, b in balancers.items():  # time the combine step of the Jacobian methods on its own
@@ -37,9 +51,7 @@ def bench_overheads(bench: Bench, model) -> dict:
             b.combine = _clocked(b.combine, combine_s[n], bench.device)
 
     def step(name, batch):
-        clock = PhaseClock(bench.device)
-        loop_step(model, optimizer, balancers[name], batch, bench, clock)
-        return dict(clock.times)
+        return steps[name].block([batch])
 
     def warmup():
         for n in names:
@@ -93,12 +105,12 @@ def _timed(fn, device) -> dict:
 
 
 def _forward(model, bench: Bench, step: dict, seed: int) -> dict:
+    """The task losses of one step, on the profile's batches (the model autocasts its encoder itself)."""
     torch.manual_seed(seed)  # identical dropout masks for both sides
-    losses = {}
-    for task in bench.tasks:
-        with autocast(bench.device, bench.amp):
-            losses[task] = model.loss(task, bench.collate(task, step[task]))
-    return losses
+    model.set_precision(bench.device, bench.precision)
+    model.train()
+    batches = bench.batches(step, cached=bench.train_cached is not None)
+    return {task: model.loss(task, batches[task]) for task in bench.tasks}
 
 
 class _ReplayOrder:
@@ -148,10 +160,12 @@ def bench_pcgrad_library(bench: Bench, model) -> dict:
     return {
         "pcgrad_vs_torchjd_time_ratio": metric(paired_ratio(runs["ours"], runs["torchjd"]), 1.0, "<=", "x",
                                                target_source="benchmark",
-                                               note="our combine time / torchjd PCGrad time on the same gradient matrix",
+                                               note="our combine time / torchjd PCGrad time on the same gradient "
+                                                    "matrix",
                                                ours_s=t_ours, torchjd_s=t_lib, shape=list(G.shape),
                                                rounds=len(runs["ours"])),
-        "pcgrad_vs_torchjd_agreement": metric(agree["max_rel_diff"], AGREEMENT_TOLERANCE, "<=", "", target_source="benchmark",
+        "pcgrad_vs_torchjd_agreement": metric(agree["max_rel_diff"], AGREEMENT_TOLERANCE, "<=", "",
+                                              target_source="benchmark",
                                               note="max |ours - torchjd| / max |torchjd|, torchjd's projection order "
                                                    "replayed", conflicting_pairs=conflicts, **agree),
     }

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
-import math
 import logging
+import math
 import os
 import platform
 import statistics
@@ -31,7 +32,7 @@ BUCKET = inspect.signature(length_batches).parameters["bucket"].default
 class Settings:
     """How much each benchmark measures. `full()` fits `make bench` in 10 minutes on 2 cores."""
 
-    steps: int = 2              # training steps per timed block of the loop-vs-naive comparison
+    steps: int = 2              # training steps per timed block of the loop comparisons
     rounds: int = 5             # at most this many interleaved rounds per comparison; medians over rounds
     min_rounds: int = 2         # at least this many, even past a time budget
     warmup: int = 1             # untimed steps per side before timing
@@ -39,11 +40,13 @@ class Settings:
     library_rounds: int = 7     # PCGrad / GradNorm against the libraries
     eval_rounds: int = 3
     # Time budgets (seconds) that cap the rounds, so `make bench` ends in time on a busy machine.
-    train_budget_s: float = 150.0
+    train_budget_s: float = 200.0
     overhead_budget_s: float = 100.0
     library_budget_s: float = 30.0
     eval_budget_s: float = 20.0
-    naive_pad: int = 128        # the naive loop pads every batch to this many tokens
+    naive_pad: int = 128        # the secondary baseline pads every batch to this many tokens
+    other_precision: bool = True  # also time the profile's step in the other precision (fp32 <-> bf16)
+    peak_reps: int = 3          # timed calls per kernel of the matmul peak (best of them)
     eval_examples: int = 64     # dev examples per task for the evaluation throughput
     memory_steps: int = 3       # steps of the short training run whose peak memory is measured
     memory: bool = True         # run that training in a subprocess (the smoke test may skip it)
@@ -63,7 +66,7 @@ class Settings:
     def smoke(cls, **kw) -> "Settings":
         """Every code path, a couple of steps each: for the test suite, not for numbers."""
         base = dict(steps=2, rounds=1, min_rounds=1, warmup=1, overhead_rounds=1, library_rounds=1, eval_rounds=1,
-                    eval_examples=8, memory_steps=2, profile_steps=1, naive_pad=32, mode="smoke")
+                    eval_examples=8, memory_steps=2, profile_steps=1, naive_pad=32, peak_reps=1, mode="smoke")
         return cls(**{**base, **kw})
 
     def to_dict(self) -> dict:
@@ -72,7 +75,11 @@ class Settings:
 
 @dataclass
 class Bench:
-    """What every benchmark measures on: the config, the prepared data and the batch plan."""
+    """What every benchmark measures on: the config, the prepared data and the batch plan.
+
+    `train` / `dev` hold token ids; `train_cached` / `dev_cached` the same splits with the
+    profile model's frozen-prefix states attached (None when every layer trains).
+    """
 
     cfg: object
     tasks: list
@@ -83,14 +90,25 @@ class Bench:
     batch_size: int
     cross: bool
     max_length: int             # the truncation prepare used (data/prepared/report.json)
-    amp: bool                   # bf16 autocast on CUDA, as the loop does
+    precision: str              # the profile's train.precision, resolved for the device (auto: bf16 only if native)
     raw_source: str             # the folder prepare read the raw files from
     settings: Settings
+    train_cached: dict | None = None
+    dev_cached: dict | None = None
 
-    def collate(self, task: str, idx) -> dict:
+    def collate(self, task: str, idx, cached: bool = False) -> dict:
         from pipeline.data import to_device
 
-        return to_device(collate(self.train[task], idx, self.pad_id, cross=self.cross and task == "para"), self.device)
+        data = (self.train_cached if cached and self.train_cached else self.train)[task]
+        return to_device(collate(data, idx, self.pad_id, cross=self.cross and task == "para"), self.device)
+
+    def batches(self, step: dict, cached: bool = False) -> dict:
+        """One collated batch per task, on the device, as the loop feeds train_step."""
+        return {t: self.collate(t, step[t], cached) for t in self.tasks}
+
+    def eval_dev(self) -> dict:
+        """The dev splits the profile's model is evaluated on (cached states when it has a frozen prefix)."""
+        return self.dev_cached or self.dev
 
     def loop_plan(self, steps: int, rng: np.random.Generator) -> list[dict]:
         """`steps` batches per task as the loop makes them: a window of the epoch sampler, length-bucketed."""
@@ -109,57 +127,93 @@ class Bench:
 
 
 def load_bench(cfg, settings: Settings) -> Bench:
+    from pipeline.runtime import resolve_precision
+
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     tasks = list(cfg.train.tasks)
     prepared = cfg.data.prepared_dir
     report = pio.read_json(Path(prepared) / "report.json") if (Path(prepared) / "report.json").exists() else {}
-    return Bench(cfg=cfg, tasks=tasks, device=torch.device(settings.device),
-                 pad_id=tokenizer_info(prepared)["pad_id"], amp=True, max_length=int(report.get("max_length", 512)),
-                 raw_source=str(report.get("source", "")),
+    device = torch.device(settings.device)
+    return Bench(cfg=cfg, tasks=tasks, device=device, pad_id=tokenizer_info(prepared)["pad_id"],
+                 precision=resolve_precision(cfg.train.precision, device),
+                 max_length=int(report.get("max_length", 512)), raw_source=str(report.get("source", "")),
                  train={t: load_split(prepared, t, "train") for t in tasks},
                  dev={t: load_split(prepared, t, "dev") for t in tasks},
                  batch_size=cfg.train.batch_size, cross=cfg.model.para_head == "cross", settings=settings)
 
 
-def build_models(bench: Bench, naive: bool = True):
-    """Our model (the backbone's default attention, SDPA) and a naive twin with eager attention, same weights."""
+@dataclass
+class Models:
+    """The models the benchmarks train, all from the same initial weights.
+
+    cpu: the profile's model as the pipeline trains it (model.freeze_layers, train.precision,
+    the prefix cache); full: every layer trains, fp32, the backbone's default attention (SDPA);
+    starter: the same with eager attention, for the starter-style baselines.
+    """
+
+    cpu: object
+    full: object | None = None
+    starter: object | None = None
+    cache_s: float = 0.0            # opening (or building) the prefix cache
+    cache_folder: str | None = None
+
+
+def open_prefix(cfg, model):
+    """pipeline.train.open_prefix_cache, whichever of its signatures (cfg) or (cfg, model) it has."""
+    import pipeline.train
+
+    fn = pipeline.train.open_prefix_cache
+    return fn(cfg, model) if len(inspect.signature(fn).parameters) >= 2 else fn(cfg)
+
+
+def build_models(bench: Bench, full: bool = True, starter: bool = True) -> Models:
+    """The profile's model (with its prefix cache attached to `bench`), and the full fine-tuning twins."""
+    import dataclasses
+
     from transformers import AutoModel
 
     from pipeline.model import build_model, resolve_backbone
+    from pipeline.train import load_task_data
 
-    ours = build_model(bench.cfg.model, bench.tasks).to(bench.device)
-    if not naive:
-        return ours, None
-    eager = AutoModel.from_pretrained(resolve_backbone(bench.cfg.model.backbone), attn_implementation="eager")
-    naive = build_model(bench.cfg.model, bench.tasks, backbone=eager).to(bench.device)
-    naive.load_state_dict(ours.state_dict())
-    return ours, naive
+    cfg = bench.cfg
+    cpu = build_model(cfg.model, bench.tasks).to(bench.device)
+    cpu.set_precision(bench.device, bench.precision)
+    start = time.perf_counter()
+    prefix = open_prefix(cfg, cpu) if cpu.frozen_layers else None
+    models = Models(cpu=cpu, cache_s=time.perf_counter() - start)
+    if prefix is not None:
+        models.cache_folder = str(getattr(prefix, "folder", ""))
+        bench.train_cached = load_task_data(cfg, bench.tasks, "train", prefix)
+        bench.dev_cached = load_task_data(cfg, bench.tasks, "dev", prefix)
+    log.info("profile model: %s, %d frozen layers%s (%.1f s to open the prefix cache)", bench.precision,
+             cpu.frozen_layers, ", prefix cache" if prefix is not None else "", models.cache_s)
+    full_cfg = dataclasses.replace(cfg.model, freeze_layers=0)
+    if full:
+        backbone = copy.deepcopy(cpu.bert)
+        backbone.requires_grad_(True)  # the copy carries the profile model's frozen flags
+        models.full = build_model(full_cfg, bench.tasks, backbone=backbone).to(bench.device)
+        models.full.load_state_dict(cpu.state_dict())
+        models.full.set_precision(bench.device, "fp32")
+    if starter:
+        source = resolve_backbone(cfg.model.init_from or cfg.model.backbone)
+        eager = AutoModel.from_pretrained(source, attn_implementation="eager")
+        models.starter = build_model(full_cfg, bench.tasks, backbone=eager).to(bench.device)
+        models.starter.load_state_dict(cpu.state_dict())
+        models.starter.set_precision(bench.device, "fp32")
+    return models
 
 
 def attention_of(model) -> str:
     return str(getattr(model.bert.config, "_attn_implementation", "unknown"))
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """What the loop uses: bf16 autocast on CUDA, nothing on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def our_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as the loop builds it (pipeline.train.make_optimizer: fused, the heads' group if any)."""
+    from pipeline.train import make_optimizer
 
-
-def make_adamw(model, device: torch.device, lr: float, weight_decay: float, fused: bool = True,
-               train_cfg=None):
-    """AdamW as the loop makes it: fused on CUDA (or the loop's own factory, should it grow one)."""
-    import pipeline.train
-
-    factory = getattr(pipeline.train, "make_optimizer", None)
-    if factory is not None and train_cfg is not None and fused:
-        return factory(model, train_cfg, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = fused and device.type == "cuda"
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    return make_optimizer(model, cfg.train, device)
 
 
 class PhaseClock:

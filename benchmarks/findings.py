@@ -24,16 +24,16 @@ def findings(res: dict) -> list[str]:
                    f"{fused['value']:.1f}× faster than the default one on the same parameters, about {saving:.0%} "
                    f"of a step saved (estimated from those two measurements).")
     reads = prof.get("scalar_reads_per_step_by_balancer") or {}
-    n_tasks = len(res["config"]["tasks"])
     if reads:
         own = prof.get("host_syncs_per_step_by_phase", {})
-        stat_reads = {b: ph.get("log", 0) - n_tasks for b, ph in reads.items()}
-        worst = max(stat_reads, key=stat_reads.get)
-        out.append(f"Tensor reads into Python numbers per step (each a host-device sync on CUDA): the finite-loss "
-                   f"check {own.get('loss_check', 0):.0f} (by design), the transformers SDPA mask test "
-                   f"`padding_mask.all()` {own.get('forward', 0):.0f} (one per task forward, outside our code), and "
-                   f"the step log's balancer statistics, read with one stacked copy per step ({worst}: "
-                   f"{stat_reads[worst]}).")
+        others = "; ".join(f"{b}: " + ", ".join(f"{k} {v}" for k, v in ph.items()) for b, ph in reads.items())
+        where = {"forward": "in the forward passes (transformers' mask test, outside our code)",
+                 "backward": "in the backward", "optimizer": "in the optimizer step (torch's AdamW)",
+                 "step_other": "in train_step's own finite-loss check and log entry (reads of host copies made "
+                               "once per step)", "collate": "in collate"}
+        parts = ", ".join(f"{v:.0f} {where.get(k, 'in ' + k)}" for k, v in own.items())
+        out.append(f"Tensor reads into Python numbers per step (each a host-device sync on CUDA), summed loss: "
+                   f"{parts or 'none'}; with the other balancers: {others}.")
     gn = met.get("gradnorm_vs_library_agreement")
     if gn and gn["value"] is not None:
         d = gn["details"]["shared_grad"]
@@ -41,13 +41,27 @@ def findings(res: dict) -> list[str]:
                    f"gradient differs from ours (cosine {d['cosine']:.3f}) because its GradNorm loss is "
                    f"backpropagated into the network, and it raises r_i to -alpha where the paper uses +alpha (equal "
                    f"on the first step, where r_i = 1, which is why the comparison is made there).")
-    speed = met.get("train_speedup_vs_naive")
+    speed = met.get("train_speedup_full_vs_starter")
     if speed and speed["value"]:
         d = speed["details"]
+        sides = d["sides"]
         cause = max(d["cause"], key=d["cause"].get)
         if d["cause"][cause] > 0:
-            out.append(f"The naive loop's extra time is mostly {cause.replace('_', ' ')} "
-                       f"({d['cause'][cause]:.1f} s per block), from padding: {d['padding_share_naive']:.0%} of its "
-                       f"token positions are padding against {d['padding_share_ours']:.0%} of ours; tokenising every "
-                       f"step costs it {d['sides']['naive']['phases_s'].get('tokenize', 0):.2f} s per block.")
+            out.append(f"On the same computation the starter-style loop's extra time is mostly "
+                       f"{cause.replace('_', ' ')} "
+                       f"({d['cause'][cause]:.1f} s per block): {sides['starter']['padding_share']:.0%} of its token "
+                       f"positions are padding against {sides['full']['padding_share']:.0%} of ours, and tokenising "
+                       f"every step costs it {sides['starter']['phases_s'].get('tokenize', 0):.2f} s per block.")
+        cpu = met.get("train_speedup_cpu_vs_starter")
+        if cpu and cpu["value"] and "cpu" in sides:
+            out.append(f"The cpu profile's step ({sides['cpu']['what']}) runs {sides['cpu']['gflop_per_step']:.1f} "
+                       f"GFLOP against the full step's {sides['full']['gflop_per_step']:.1f}: "
+                       f"{cpu['value']:.1f}× the starter-style loop's speed, where the loop alone (every layer "
+                       f"training) gives {speed['value']:.1f}×.")
+    share = met.get("train_step_peak_share_fp32")
+    if share and share["value"] is not None:
+        d = share["details"]["sides"]
+        out.append("Share of the fp32 matmul peak: " + ", ".join(
+            f"{n} {v['peak_share']:.0%}" for n, v in d.items() if v["precision"] == "fp32")
+            + " (executed FLOPs of matrix products over step time, benchmarks/flops.py).")
     return out

@@ -1,8 +1,8 @@
 """`python -m benchmarks.gpu_step`: the paper profile's training step time on a CUDA GPU.
 
 bert-base-uncased, batch 8 per task (profile `paper`), bf16 autocast and fused AdamW, our
-loop's step (benchmarks.steps.loop_step) on the prepared data. Prints one line per balancer
-and writes reports/gpu_step.json. `--compare-fp32` also times fp32 with the default AdamW
+loop's step (`pipeline.train.train_step`, through benchmarks.steps.OurStep) on the prepared data.
+Prints one line per balancer and writes reports/gpu_step.json. `--compare-fp32` also times fp32 with the default AdamW
 (the before/after of autocast + fused). `--random-init` builds bert-base with random weights
 (step time does not depend on them) for a machine without the checkpoint in its HF cache.
 """
@@ -38,20 +38,21 @@ def build(bench, random_init: bool):
 
 def time_steps(bench, model, balancer_name: str, steps: int, warmup: int, amp: bool, fused: bool) -> dict:
     """Median step time over blocks of 10 steps, one CUDA sync per block (as the loop runs: async)."""
-    from benchmarks.common import PhaseClock, make_adamw
-    from benchmarks.steps import loop_step
+    from benchmarks.common import PhaseClock, our_optimizer
+    from benchmarks.steps import OurStep
     from pipeline.balancers import make_balancer
 
     cfg = bench.cfg
-    bench.amp = amp
-    optimizer = make_adamw(model, bench.device, cfg.train.lr, cfg.train.weight_decay, fused=fused)
+    optimizer = (our_optimizer(model, cfg, bench.device) if fused else  # else torch's default AdamW (foreach on CUDA)
+                 torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                   weight_decay=cfg.train.weight_decay))
     balancer = make_balancer(balancer_name, model, bench.tasks, cfg.train)
+    run = OurStep(bench, model, balancer, optimizer, "bf16" if amp else "fp32", cached=False, phases=False)
     rng = np.random.default_rng(0)
     plan = bench.loop_plan(steps + warmup, rng)
     clock = PhaseClock(bench.device, sync=False)
-    model.train()
     for step in plan[:warmup]:
-        loop_step(model, optimizer, balancer, step, bench, clock)
+        run(step, clock)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     block, times = 10, []
@@ -59,7 +60,7 @@ def time_steps(bench, model, balancer_name: str, steps: int, warmup: int, amp: b
     for start in range(0, len(timed), block):
         t0 = time.perf_counter()
         for step in timed[start: start + block]:
-            loop_step(model, optimizer, balancer, step, bench, clock)
+            run(step, clock)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / len(timed[start: start + block]))
     step_s = statistics.median(times)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--balancers", default="sum,pcgrad,gradnorm", help="comma-separated (default: sum,pcgrad,gradnorm)")
     p.add_argument("--steps", type=int, default=40, help="timed steps per balancer (default: 40)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
-    p.add_argument("--compare-fp32", action="store_true", help="also time fp32 with the default (unfused) AdamW")
+    p.add_argument("--compare-fp32", action="store_true", help="also time fp32 with torch's default (unfused) AdamW")
     p.add_argument("--random-init", action="store_true", help="random bert-base weights (no checkpoint needed)")
     p.add_argument("--out", default="reports/gpu_step.json")
     args = p.parse_args(argv)

@@ -1,4 +1,10 @@
-"""torch.profiler over a few of our training steps: the top operators and the host syncs per step."""
+"""torch.profiler over a few of our training steps: the top operators and the host syncs per step.
+
+The steps are `pipeline.train.train_step` itself (benchmarks/steps.py::OurStep) on the profile's
+model and batches (prefix cache and precision included); phases come from labelling the calls
+train_step makes, so operators are attributed to forward, backward, optimizer, or `step_other`
+(train_step's own finite-loss check and log entry).
+"""
 from __future__ import annotations
 
 import logging
@@ -7,45 +13,40 @@ from collections import Counter, defaultdict
 import numpy as np
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import Bench, PhaseClock, make_adamw
-from benchmarks.steps import loop_step
+from benchmarks.common import Bench, PhaseClock, our_optimizer
+from benchmarks.steps import PHASES, OurStep
 from pipeline.balancers import make_balancer
 
 log = logging.getLogger(__name__)
 
-PHASES = ("collate", "forward", "loss_check", "backward", "optimizer", "log")
 # A tensor read as a Python number (.item(), float(), `if t:`): free on CPU, a host-device sync on CUDA.
 SYNC_OPS = ("aten::_local_scalar_dense",)
 
 
 def scalar_reads(bench: Bench, model, balancer_names: tuple[str, ...]) -> dict:
     """Tensor-to-Python-number reads per step and phase, for each balancer (one profiled step each)."""
-    cfg = bench.cfg
     rng = np.random.default_rng([bench.settings.seed, 6])
     step = bench.loop_plan(1, rng)[0]
     out = {}
     for name in balancer_names:
-        optimizer = make_adamw(model, bench.device, cfg.train.lr, cfg.train.weight_decay, train_cfg=cfg.train)
-        balancer = make_balancer(name, model, bench.tasks, cfg.train)
+        run = _our_step(bench, model, name)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            loop_step(model, optimizer, balancer, step, bench, PhaseClock(bench.device))
+            run(step, PhaseClock(bench.device))
         out[name] = dict(sorted(Counter(_phase_of(e) for e in prof.events() if e.name in SYNC_OPS).items()))
     return out
 
 
 def profile_steps(bench: Bench, model, balancer_name: str = "sum", top: int = 12) -> dict:
-    s, cfg = bench.settings, bench.cfg
+    s = bench.settings
     rng = np.random.default_rng([s.seed, 5])
     plan = bench.loop_plan(s.profile_steps + 1, rng)
-    optimizer = make_adamw(model, bench.device, cfg.train.lr, cfg.train.weight_decay, train_cfg=cfg.train)
-    balancer = make_balancer(balancer_name, model, bench.tasks, cfg.train)
-    model.train()
-    loop_step(model, optimizer, balancer, plan[0], bench, PhaseClock(bench.device))  # warm-up
+    run = _our_step(bench, model, balancer_name)
+    run(plan[0], PhaseClock(bench.device))  # warm-up
     clock = PhaseClock(bench.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for step in plan[1:]:
-            loop_step(model, optimizer, balancer, step, bench, clock)
+            run(step, clock)
     steps = len(plan) - 1
     events = prof.key_averages()
     ops = [e for e in events if e.key not in PHASES]
@@ -65,7 +66,8 @@ def profile_steps(bench: Bench, model, balancer_name: str = "sum", top: int = 12
         items = sorted(((op, t) for (op, ph), t in op_phase.items() if ph == phase), key=lambda kv: -kv[1])[:4]
         top_by_phase[phase] = [{"op": op, "self_cpu_ms_per_step": t / 1000.0 / steps} for op, t in items]
     wall = clock.total()
-    return {"balancer": balancer_name, "steps": steps, "step_s": wall / steps,
+    return {"balancer": balancer_name, "steps": steps, "step_s": wall / steps, "precision": bench.precision,
+            "frozen_layers": model.frozen_layers, "prefix_cache": bench.train_cached is not None,
             "phases_share": {k: v / wall for k, v in clock.times.items()},
             "phases_s_per_step": {k: v / steps for k, v in clock.times.items()},
             "top_ops": top_ops, "host_syncs_per_step": syncs,
@@ -74,6 +76,13 @@ def profile_steps(bench: Bench, model, balancer_name: str = "sum", top: int = 12
             "scalar_reads_per_step_by_balancer": scalar_reads(bench, model, ("pcgrad", "gradnorm", "upgrad")),
             "note": "self CPU time of torch operators under torch.profiler (profiling adds overhead); "
                     "phases are wall-clock shares of the same steps"}
+
+
+def _our_step(bench: Bench, model, balancer_name: str) -> OurStep:
+    """train_step on the profile's model, batches and precision, with a fresh optimizer and balancer."""
+    return OurStep(bench, model, make_balancer(balancer_name, model, bench.tasks, bench.cfg.train),
+                   our_optimizer(model, bench.cfg, bench.device), bench.precision,
+                   cached=bench.train_cached is not None)
 
 
 def _phase_of(event) -> str:

@@ -47,7 +47,8 @@ def read_spec(path: str | Path) -> dict:
     for name, cand in (spec["candidates"] or {}).items():
         unknown = set(cand or {}) - {"extensions", "set"}
         if unknown:
-            raise ConfigError(f"{path}: candidates.{name} has unknown keys {sorted(unknown)} (allowed: extensions, set)")
+            raise ConfigError(f"{path}: candidates.{name} has unknown keys {sorted(unknown)} "
+                              f"(allowed: extensions, set)")
     return spec
 
 
@@ -59,7 +60,8 @@ def candidate_overrides(spec: dict, name: str) -> dict:
     out = dict(spec.get("base") or {})
     for ext in cand.get("extensions") or []:
         if ext not in EXTENSIONS:
-            raise ConfigError(f"candidates.{name}.extensions: unknown extension '{ext}' (known: {', '.join(EXTENSIONS)})")
+            raise ConfigError(f"candidates.{name}.extensions: unknown extension '{ext}' "
+                              f"(known: {', '.join(EXTENSIONS)})")
         out.update(EXTENSIONS[ext])
     out.update(cand.get("set") or {})
     return out
@@ -67,7 +69,7 @@ def candidate_overrides(spec: dict, name: str) -> dict:
 
 def ensure_prepared(cfg) -> None:
     """Run the prepare stage into the spec's prepared_dir unless it already holds this data and tokenisation."""
-    from pipeline.stages import run_prepare
+    from pipeline.prepare import run_prepare
 
     report = Path(cfg.data.prepared_dir) / "report.json"
     if report.exists():
@@ -99,7 +101,8 @@ def _embed(model, data, pad_id: int, batch_size: int, device) -> tuple[np.ndarra
                           disable=None):
             idx = order[start: start + batch_size]
             batch = to_device(collate(data, idx, pad_id), device)
-            emb = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float().cpu().numpy()
+            emb = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            emb = emb.float().cpu().numpy()
             if data.pair:
                 n = batch["pair_size"]
                 e1[idx], e2[idx] = emb[:n], emb[n:]
@@ -141,8 +144,8 @@ def run_probe(cfg, probe: dict) -> dict:
         return load_split(cfg.data.prepared_dir, task, name).subset(limit)
 
     def classifier():  # L2 strength chosen by 5-fold cross-validation on the training embeddings
-        return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[float(c) for c in probe.get("Cs", [0.01, 0.1, 1.0])],
-                                                                    cv=5, max_iter=3000))
+        cs = [float(c) for c in probe.get("Cs", [0.01, 0.1, 1.0])]
+        return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=cs, cv=5, max_iter=3000))
 
     sst_train, sst_dev = split("sst", "train"), split("sst", "dev")
     x_train, _ = _embed(model, sst_train, pad_id, bs, device)

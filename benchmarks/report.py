@@ -1,9 +1,12 @@
 """reports/benchmarks.md from the results dict: every number in it comes from benchmarks.json."""
 from __future__ import annotations
 
-ORDER = ("train_speedup_vs_naive", "train_examples_per_s", "train_tokens_per_s", "pcgrad_overhead",
+ORDER = ("train_speedup_full_vs_starter", "train_speedup_cpu_vs_starter", "train_speedup_full_vs_naive_pad128",
+         "train_examples_per_s", "train_tokens_per_s", "matmul_peak_fp32_gflops", "matmul_peak_bf16_gflops",
+         "train_step_peak_share_fp32", "train_step_peak_share_bf16", "pcgrad_overhead",
          "gradnorm_overhead", "upgrad_overhead", "pcgrad_vs_torchjd_time_ratio", "pcgrad_vs_torchjd_agreement",
-         "gradnorm_vs_library_time_ratio", "gradnorm_vs_library_agreement", "adamw_fused_speedup", "eval_sentences_per_s",
+         "gradnorm_vs_library_time_ratio", "gradnorm_vs_library_agreement", "adamw_fused_speedup",
+         "eval_sentences_per_s",
          "train_peak_rss_mb", "make_repro_wall_s", "dvc_repro_noop_wall_s")
 
 
@@ -12,6 +15,8 @@ def fmt(value, unit: str = "") -> str:
         return "—"
     if unit == "x":
         return f"{value:.2f}×"
+    if unit == "share":
+        return f"{value:.1%}"
     if isinstance(value, float) and value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
         return f"{value:.1e}"
     if isinstance(value, float):
@@ -37,9 +42,11 @@ def _phases(phases: dict) -> str:
 def miss_cause(name: str, m: dict) -> str:
     """A measured explanation of a missed target, built from the metric's details."""
     d = m["details"]
-    if name == "train_speedup_vs_naive":
-        return (f"naive minus ours, per timed block: {_phases(d['cause'])}; padding share ours "
-                f"{d['padding_share_ours']:.0%} vs naive {d['padding_share_naive']:.0%}")
+    if name.startswith("train_speedup_"):
+        sides = d["sides"]
+        return (f"{d['base']} minus {d['ours']}, per timed block: {_phases(d['cause'])}; padding share "
+                f"{d['ours']} {sides[d['ours']]['padding_share']:.0%} vs {d['base']} "
+                f"{sides[d['base']]['padding_share']:.0%}")
     if name.endswith("_overhead"):
         own = (f"; its combine step alone (Gram matrix, weights, weighted sum of the task gradients) takes "
                f"{d['combine_s'] * 1000:.0f} ms, {d['combine_s'] / d['sum_median_step_s']:.0%} of a summed-loss step"
@@ -74,31 +81,60 @@ def render(res: dict) -> str:
         if name in met:
             m = met[name]
             mark = " †" if m["machine_dependent"] else ""
-            out.append(f"| `{name}` | {fmt(m['value'], m['unit'])}{' ' + m['unit'] if m['unit'] not in ('', 'x') else ''}"
+            unit = " " + m["unit"] if m["unit"] not in ("", "x", "share") else ""
+            out.append(f"| `{name}` | {fmt(m['value'], m['unit'])}{unit}"
                        f"{mark} | {_target(m)} | {_result(m)} | {m['note']} |")
     misses = [n for n in ORDER if n in met and met[n]["pass"] is False]
     out += ["", "## Misses and their measured causes", ""]
     out += [f"- `{n}`: {miss_cause(n, met[n])}" for n in misses] or ["None: every target above holds."]
-    out += _train_section(met) + _balancer_section(met) + _library_section(met) + _profile_section(res)
+    out += (_train_section(met) + _balancer_section(met) + _library_section(met) + _profile_section(res)
+            + _repro_section(met))
     out += ["", "## Findings and proposed changes", ""] + [f"- {n}" for n in res.get("findings", [])]
     out += ["", "## Notes", ""] + [f"- {n}" for n in res.get("notes", [])]
     return "\n".join(out) + "\n"
 
 
 def _train_section(met: dict) -> list[str]:
-    if "train_speedup_vs_naive" not in met:
+    if "train_speedup_full_vs_starter" not in met:
         return []
-    d = met["train_speedup_vs_naive"]["details"]
-    rows = ["", "## Our loop against the naive loop", "",
-            f"{d['steps_per_block']} steps per block, {d['rounds']} rounds, "
-            f"{d['examples_per_block']} examples and {d['real_tokens']} non-padding tokens per block on both sides. "
-            f"Padding share: ours {d['padding_share_ours']:.0%}, naive {d['padding_share_naive']:.0%}.", "",
-            "| loop | attention | examples/s † | tokens/s † | block s † | phases (s per block) † | spread |",
-            "|---|---|---|---|---|---|---|"]
+    d = met["train_speedup_full_vs_starter"]["details"]
+    rows = ["", "## Our step against a starter-style loop", "",
+            f"{d['steps_per_block']} steps per block, {d['rounds']} rounds, {d['examples_per_block']} examples and "
+            f"{d['real_tokens']} non-padding tokens per block on every side. Speedups over the starter-style loop: "
+            f"full fine-tuning {fmt(met['train_speedup_full_vs_starter']['value'], 'x')}, the cpu profile's step "
+            f"{fmt(met['train_speedup_cpu_vs_starter']['value'], 'x')} (medians of per-round ratios).", "",
+            "| side | what | attention | precision | frozen | step s † | examples/s † | padding | GFLOP/step | "
+            "GFLOP/s † | of peak | phases (s per block) † | spread |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, side in d["sides"].items():
         phases = ", ".join(f"{k} {v:.2f}" for k, v in side["phases_s"].items())
-        rows.append(f"| {name} | {side['attention']} | {side['examples_per_s']:.1f} | {side['tokens_per_s']:.0f} | "
-                    f"{side['median_block_s']:.2f} | {phases} | {side['spread']:.0%} |")
+        rows.append(f"| {name} | {side['what']} | {side['attention']} | {side['precision']} | "
+                    f"{side['frozen_layers']} | "
+                    f"{side['step_s']:.2f} | {side['examples_per_s']:.1f} | {side['padding_share']:.0%} | "
+                    f"{side['gflop_per_step']:.1f} | {side['achieved_gflops']:.1f} | {side['peak_share']:.1%} | "
+                    f"{phases} | {side['spread']:.0%} |")
+    return rows + _flops_section(met)
+
+
+def _flops_section(met: dict) -> list[str]:
+    if "train_step_peak_share_fp32" not in met:
+        return []
+    f32, b16 = met["matmul_peak_fp32_gflops"], met["matmul_peak_bf16_gflops"]
+    kernels = lambda m: ", ".join(f"{k} {v['gflops']:.1f} (n={v['n']})" for k, v in m["details"]["kernels"].items())
+    rows = ["", "## FLOP/s against this machine's matmul peak", "",
+            f"Peak (best of two measurements, before and after the rounds, same threads): fp32 "
+            f"{f32['value']:.1f} GFLOP/s ({kernels(f32)}); bf16 {b16['value']:.1f} GFLOP/s ({kernels(b16)})"
+            + ("" if b16["details"].get("native") else ", **emulated**: this CPU has no native bf16 "
+               "(AVX-512 BF16/AMX), so the bf16 figures are not a native peak") + ".",
+            "", "Counting rules (benchmarks/flops.py):", "", "```",
+            met["train_step_peak_share_fp32"]["details"].get("formula", ""), "```"]
+    for p in ("fp32", "bf16"):
+        m = met[f"train_step_peak_share_{p}"]
+        if m["value"] is not None:
+            side = m["details"]["sides"][m["details"]["side"]]
+            rows += ["", f"- {p}: the cpu profile's step does {side['gflop_per_step']:.1f} GFLOP "
+                         f"({side['useful_gflop_per_step']:.1f} on real tokens) in {side['step_s']:.2f} s: "
+                         f"{side['achieved_gflops']:.1f} GFLOP/s, {m['value']:.1%} of the {p} peak."]
     return rows
 
 
@@ -127,7 +163,8 @@ def _library_section(met: dict) -> list[str]:
                     f"projection order replayed into ours (ours accumulates the Gram matrix in float64, torchjd "
                     f"in float32): max abs diff {fmt(a['max_abs_diff'])}, cosine "
                     f"{a['cosine']:.8f}; time ours {t['ours_s'] * 1000:.1f} ms vs torchjd "
-                    f"{t['torchjd_s'] * 1000:.1f} ms † (ratio {fmt(met['pcgrad_vs_torchjd_time_ratio']['value'], 'x')}).")
+                    f"{t['torchjd_s'] * 1000:.1f} ms † "
+                    f"(ratio {fmt(met['pcgrad_vs_torchjd_time_ratio']['value'], 'x')}).")
     g = met.get("gradnorm_vs_library_agreement")
     if g and g["value"] is not None:
         d, t = g["details"], met["gradnorm_vs_library_time_ratio"]["details"]
@@ -144,11 +181,28 @@ def _library_section(met: dict) -> list[str]:
     return rows
 
 
+def _repro_section(met: dict) -> list[str]:
+    m = met.get("make_repro_wall_s")
+    if not m or m["value"] is None or "split_s" not in m["details"]:
+        return []
+    d = m["details"]
+    rows = ["", "## `make repro` wall time by part", "",
+            f"{m['value']:.0f} s ({d.get('conditions', '')}; measured {d.get('measured_at', '?')}, profile "
+            f"`{d.get('profile')}`); details in reports/repro_timing.md.", "", "| part | s † | share |",
+            "|---|---|---|"]
+    for k, v in d["split_s"].items():
+        if v:
+            rows.append(f"| {k} | {v:.1f} | {d['split_share'][k]:.1%} |")
+    return rows
+
+
 def _profile_section(res: dict) -> list[str]:
     p = res.get("profile")
     if not p:
         return []
-    rows = ["", f"## Profile of our training step ({p['balancer']} balancer, {p['steps']} steps)", "",
+    rows = ["", f"## Profile of our training step ({p['balancer']} balancer, {p['steps']} steps, "
+                f"{p.get('precision', '?')}, {p.get('frozen_layers', 0)} frozen layers"
+                f"{', prefix cache' if p.get('prefix_cache') else ''})", "",
             f"Step {p['step_s']:.2f} s †; phases: " +
             ", ".join(f"{k} {v:.0%}" for k, v in sorted(p["phases_share"].items(), key=lambda kv: -kv[1])) +
             f". Tensor reads into Python numbers (`.item()`, `float(t)`, `if t:`; each a host sync on CUDA) per "

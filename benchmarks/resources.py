@@ -27,9 +27,10 @@ REPRO_TIMING = ROOT / "reports" / "repro_timing.json"
 
 
 def bench_eval(bench: Bench, model) -> dict:
-    """Sentences per second of pipeline.evaluate.predict over a dev prefix of every task."""
+    """Sentences per second of pipeline.evaluate.predict over a dev sample of every task (the profile's model,
+    reading the prefix cache when it has one, as the pipeline's evaluation does)."""
     s = bench.settings
-    dev = {t: bench.dev[t].subset(s.eval_examples) for t in bench.tasks}
+    dev = {t: d.subset(s.eval_examples) for t, d in bench.eval_dev().items()}
     sentences = sum(len(d) * (2 if d.pair and not (bench.cross and t == "para") else 1) for t, d in dev.items())
     batch_size = bench.cfg.eval.batch_size
 
@@ -45,7 +46,9 @@ def bench_eval(bench: Bench, model) -> dict:
     return {"eval_sentences_per_s": metric(sentences / t, unit="sentences/s", machine_dependent=True,
                                            note="pipeline.evaluate.predict (inference_mode, length-sorted batches); "
                                                 "a bi-encoder pair counts as two sentences",
-                                           sentences=sentences, median_s=t, rounds=len(runs), batch_size=batch_size)}
+                                           sentences=sentences, median_s=t, rounds=len(runs), batch_size=batch_size,
+                                           precision=model.precision, frozen_layers=model.frozen_layers,
+                                           prefix_cache=bench.dev_cached is not None)}
 
 
 def memory_config(bench: Bench, run_root: Path) -> dict:
@@ -57,7 +60,9 @@ def memory_config(bench: Bench, run_root: Path) -> dict:
     cfg["train"].update(epochs=1, epoch_fraction=min(100.0, s.memory_steps * bench.batch_size / base),
                         eval_limit=min(32, s.eval_examples), checkpoint_every=0, threads=s.threads,
                         device=s.device)
-    cfg["data"]["prepared_dir"] = str(Path(cfg["data"]["prepared_dir"]).resolve())
+    for key in ("prepared_dir", "prefix_dir"):
+        if cfg["data"].get(key):
+            cfg["data"][key] = str(Path(cfg["data"][key]).resolve())
     cfg["tracking"].update(runs_dir=str(run_root / "runs"), wandb=False)
     return cfg
 
@@ -89,18 +94,26 @@ def bench_memory(bench: Bench) -> dict:
 
 
 def repro_timings() -> dict:
-    """`make repro` (cpu profile) and no-op `dvc repro` wall times, measured outside and left in a file."""
-    note = (f"measured by hand, not by make bench: write {REPRO_TIMING.relative_to(ROOT)} as "
-            '{"make_repro_s": <seconds>, "dvc_repro_noop_s": <seconds>}')
+    """`make repro` and no-op `dvc repro` wall times, measured outside `make bench` (by `make repro` itself,
+    benchmarks/repro_timing.py) and read from reports/repro_timing.json."""
+    note = (f"written by `make repro` (benchmarks/repro_timing.py) into {REPRO_TIMING.relative_to(ROOT)}; "
+            "not recorded yet")
     data = {}
     if REPRO_TIMING.exists():
         data = pio.read_json(REPRO_TIMING)
         note = f"read from {REPRO_TIMING.relative_to(ROOT)}"
-    extra = {k: v for k, v in data.items() if k not in ("make_repro_s", "dvc_repro_noop_s")}
+    noop_keys = ("dvc_repro_noop_s", "noop_measured_at")
+    extra = {k: v for k, v in data.items() if k not in ("make_repro_s", *noop_keys, "last_failed_attempt")}
+    conditions = data.get("conditions")
     return {"make_repro_wall_s": metric(data.get("make_repro_s"), unit="s", machine_dependent=True,
-                                        note=note + ("" if "make_repro_s" in data else "; not recorded yet"), **extra),
+                                        note=note + (f" ({conditions})" if conditions and "make_repro_s" in data
+                                                     else "")
+                                        + ("" if "make_repro_s" in data or not data else "; not recorded yet"),
+                                        **extra),
             "dvc_repro_noop_wall_s": metric(data.get("dvc_repro_noop_s"), unit="s", machine_dependent=True,
-                                            note=note + ("" if "dvc_repro_noop_s" in data else "; not recorded yet"))}
+                                            note=note + ("" if "dvc_repro_noop_s" in data or not data
+                                                         else "; not recorded yet"),
+                                            measured_at=data.get("noop_measured_at"))}
 
 
 def _peak_rss_mb() -> float:
@@ -140,10 +153,9 @@ if __name__ == "__main__":
 
 
 def bench_optimizer(bench: Bench, model) -> dict:
-    """AdamW step time as the loop builds it on CPU (torch's default for-each-parameter path) vs fused.
-
-    The loop asks for fused AdamW on CUDA only; torch >= 2.4 has a fused CPU kernel too.
-    Same parameters, same (random) gradients, interleaved rounds.
+    """AdamW step time: torch's default on CPU (a loop over parameters) vs the fused kernel the loop uses
+    (pipeline.train.make_optimizer), on the trainable parameters of the profile's model. Same parameters,
+    same (random) gradients, interleaved rounds.
     """
     import torch
 

@@ -13,17 +13,31 @@ log = logging.getLogger("pipeline")
 STAGE_HELP = {
     "prepare": "validate and tokenise the CS224N files into data/prepared (bad rows reported in report.json)",
     "pretrain-mlm": "further pretrain the backbone on SST sentences with masked language modelling",
+    "cache": "compute the frozen prefix (embeddings + lower model.freeze_layers layers) of every prepared split once",
     "train": "train one experiment (multitask or single-task sentiment); resumes from its checkpoint",
     "evaluate": "score a trained run on dev, write metrics.json and CS224N prediction files",
     "report": "regenerate tables, figures and REPORT.md from the run records",
     "sweep": "run an Optuna study over extensions and hyperparameters",
     "summary": "print every evaluated run's dev scores",
 }
+# The project modules `dispatch` imports per subcommand (pipeline.config: those that call _load);
+# tests/test_dvc_deps.py follows their imports to check each DVC stage's code deps.
+STAGE_MODULES = {
+    "prepare": ("pipeline.config", "pipeline.prepare"),
+    "pretrain-mlm": ("pipeline.config", "pipeline.mlm"),
+    "train": ("pipeline.config", "pipeline.train", "pipeline.stages"),  # pipeline.stages: --evaluate
+    "evaluate": ("pipeline.config", "pipeline.stages"),
+    "report": "pipeline.report",
+    "sweep": "sweeps.optuna_sweep",
+    "summary": "pipeline.stages",
+    "cache": ("pipeline.config", "pipeline.cache"),
+}
 
 
 def _config_args(p: argparse.ArgumentParser, experiment: bool = True) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--profile", default=None, help="profile from params.yaml (cpu, paper, micro, ...); default: its `profile` key")
+    p.add_argument("--profile", default=None,
+                   help="profile from params.yaml (cpu, paper, micro, ...); default: its `profile` key")
     if experiment:
         p.add_argument("--experiment", "-e", default=None, help="experiment name from params.yaml `experiments`")
         p.add_argument("--seed", type=int, default=None, help="override train.seed")
@@ -32,13 +46,16 @@ def _config_args(p: argparse.ArgumentParser, experiment: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Multitask BERT ablation pipeline (SST-5, Quora, STS-B).")
+    parser = argparse.ArgumentParser(prog="python -m pipeline",
+                                     description="Multitask BERT ablation pipeline (SST-5, Quora, STS-B).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     p = sub.add_parser("prepare", help=STAGE_HELP["prepare"], description=STAGE_HELP["prepare"])
     _config_args(p, experiment=False)
     p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
     p = sub.add_parser("pretrain-mlm", help=STAGE_HELP["pretrain-mlm"], description=STAGE_HELP["pretrain-mlm"])
+    _config_args(p, experiment=False)
+    p = sub.add_parser("cache", help=STAGE_HELP["cache"], description=STAGE_HELP["cache"])
     _config_args(p, experiment=False)
     p = sub.add_parser("train", help=STAGE_HELP["train"], description=STAGE_HELP["train"])
     _config_args(p)
@@ -55,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help=STAGE_HELP["sweep"], description=STAGE_HELP["sweep"])
     _config_args(p, experiment=False)
     p.add_argument("--study", default="minbert", help="study name (the same name resumes it)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: a local SQLite file); postgresql://... for many machines")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default: a local SQLite file); postgresql://... for many machines")
     p.add_argument("--trials", type=int, default=20,
-                   help="finished trials the study should hold, over all workers and machines (a resumed study runs the rest)")
+                   help="finished trials the study should hold, over all workers and machines "
+                        "(a resumed study runs the rest)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--base-experiment", default=None, help="experiment whose config the search starts from")
     p.add_argument("--space", default=None, help="search-space YAML (default: sweeps/optuna_space.yaml)")
@@ -83,18 +102,23 @@ def _load(args, **extra):
         overrides.append(f"train.seed={args.seed}")
     for key, value in extra.items():
         overrides.append(f"{key}={value}")
-    return load_config(args.params, experiment=getattr(args, "experiment", None), overrides=overrides, profile=args.profile)
+    return load_config(args.params, experiment=getattr(args, "experiment", None), overrides=overrides,
+                       profile=args.profile)
 
 
 def dispatch(args) -> int:
     if args.stage == "prepare":
-        from pipeline.stages import run_prepare
+        from pipeline.prepare import run_prepare
 
         run_prepare(_load(args, **({"data.strict": "true"} if args.strict else {})))
     elif args.stage == "pretrain-mlm":
         from pipeline.mlm import run_mlm
 
         run_mlm(_load(args))
+    elif args.stage == "cache":
+        from pipeline.cache import run_cache
+
+        run_cache(_load(args))
     elif args.stage == "train":
         from pipeline.train import train
 

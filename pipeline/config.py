@@ -15,10 +15,11 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.tasks import MULTITASK as TASKS  # noqa: E402
+from pipeline.tasks import TASKS as _REGISTRY  # noqa: E402
 
-TASKS = ("sst", "para", "sts")
-SENTIMENT_TASKS = ("sst", "cfimdb")
-ALL_TASKS = ("sst", "para", "sts", "cfimdb")
+SENTIMENT_TASKS = tuple(t.name for t in _REGISTRY.values() if t.num_classes)
+ALL_TASKS = tuple(_REGISTRY)
 # The paper's extension switches and the config changes each stands for.
 EXTENSIONS = {
     "relu": {"model.heads": "relu"},
@@ -26,7 +27,7 @@ EXTENSIONS = {
     "loop": {"train.schedule": "loop"},
     "gn": {"train.balancer": "gradnorm"},
     "pcg": {"train.balancer": "pcgrad"},
-    "mlm": {"model.init_from": "models/mlm"},
+    "mlm": {"model.init_from": "${mlm.output_dir}"},  # resolved by load_config: follows mlm.output_dir
 }
 
 
@@ -46,6 +47,8 @@ class DataConfig:
     data_dir: str = _help("folder holding the CS224N task files; empty: $MINBERT_DATA_DIR, else download", "")
     cache_dir: str = _help("where downloaded official files are cached", "data/raw")
     prepared_dir: str = _help("output of the prepare stage (validated, tokenised data)", "data/prepared")
+    prefix_dir: str = _help("output of the cache stage: frozen-prefix states per backbone and model.freeze_layers",
+                            "data/prefix")
     max_length: int = _help("tokens kept per sentence, [CLS] and [SEP] included", 128)
     strict: bool = _help("treat any bad data row as fatal instead of skipping and reporting it", False)
     limit: int = _help("keep only the first N valid rows of every file (0: all); for micro runs", 0)
@@ -59,19 +62,24 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _help("'embedded' (the packaged MiniLM), a HF model id such as bert-base-uncased, or a local path", "embedded")
+    backbone: str = _help("'embedded' (the packaged MiniLM), a HF model id such as bert-base-uncased, "
+                          "or a local path", "embedded")
     pooling: str = _help("sentence embedding: pooler (paper: pooled [CLS]), cls (raw [CLS] state) or mean", "pooler")
     dropout: float = _help("dropout on the sentence embedding before every head", 0.3)
     heads: str = _help("linear (paper baseline) or relu (MLP heads, the ReLU extension)", "linear")
     relu_widths: list = _help("hidden widths of the ReLU heads (paper: 256, 64)", [256, 64])
     sts_head: str = _help("concat (linear on [e1;e2], baseline) or cos (cosine of e1, e2: the Cos extension)", "concat")
     cos_target: str = _help("what the Cos head's cosine is regressed on: signed (labels 0..5 -> [-1, 1], the paper) "
-                            "or unit (labels -> [0, 1], sentence-transformers' practice: unrelated pairs stay orthogonal)",
+                            "or unit (labels -> [0, 1], sentence-transformers' practice: "
+                            "unrelated pairs stay orthogonal)",
                             "signed")
     para_head: str = _help("concat (bi-encoder, paper) or cross ([CLS] s1 [SEP] s2 cross-encoder)", "concat")
     pair_features: str = _help("input of the bi-encoder pair heads: concat ([e1;e2], the paper) or "
                                "sbert ([e1;e2;|e1-e2|;e1*e2], Sentence-BERT's classifier features)", "concat")
     mode: str = _help("finetune (all weights train) or pretrain (backbone frozen, heads only)", "finetune")
+    freeze_layers: int = _help("partial fine-tuning: the embeddings and the lower k encoder layers stay frozen "
+                               "and their outputs come from the prefix cache "
+                               "(0: every layer trains, the paper's setting)", 0)
     init_from: str = _help("directory of a further-pretrained backbone (the pretrain-mlm output); empty: none", "")
 
     def __post_init__(self):
@@ -82,6 +90,8 @@ class ModelConfig:
         _choice("model", "cos_target", self.cos_target, ("signed", "unit"))
         _choice("model", "pair_features", self.pair_features, ("concat", "sbert"))
         _choice("model", "mode", self.mode, ("finetune", "pretrain"))
+        if self.freeze_layers < 0:
+            raise ConfigError(f"model.freeze_layers={self.freeze_layers} must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must lie in [0, 1)")
         if not self.relu_widths or any((not isinstance(w, int)) or w <= 0 for w in self.relu_widths):
@@ -92,14 +102,20 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    tasks: list = _help("tasks trained together: sst, para, sts (multitask) or one of sst / cfimdb (sentiment only)", list(TASKS))
-    schedule: str = _help("baseline (every task sampled to the STS train size per epoch) or loop (to the SST train size)", "baseline")
+    tasks: list = _help("tasks trained together: sst, para, sts (multitask) "
+                        "or one of sst / cfimdb (sentiment only)", list(TASKS))
+    schedule: str = _help("baseline (every task sampled to the STS train size per epoch) "
+                          "or loop (to the SST train size)", "baseline")
     epoch_fraction: float = _help("scale of the per-epoch sample size (1.0 = the paper's; cpu profile uses less)", 1.0)
-    balancer: str = _help("how task losses/gradients combine: sum, gradnorm, pcgrad, or a torchjd aggregator (upgrad, mgda, cagrad, ...)", "sum")
+    min_epoch_steps: int = _help("at least this many steps per epoch (small tasks such as CFIMDB are repeated, "
+                                 "as Loop does; 0: none)", 0)
+    balancer: str = _help("how task losses/gradients combine: sum, gradnorm, pcgrad, "
+                          "or a torchjd aggregator (upgrad, mgda, cagrad, ...)", "sum")
     gn_alpha: float = _help("GradNorm asymmetry alpha", 1.0)
     gn_lr: float = _help("learning rate of the GradNorm task weights", 0.025)
     lr: float = _help("AdamW learning rate", 1e-5)
-    head_lr: float = _help("AdamW learning rate of the task heads (0: train.lr); heads start from random, the backbone does not", 0.0)
+    head_lr: float = _help("AdamW learning rate of the task heads (0: train.lr); "
+                           "heads start from random, the backbone does not", 0.0)
     lr_schedule: str = _help("learning-rate schedule over the whole run: constant (the paper), linear or cosine decay "
                              "(transformers' schedulers)", "constant")
     warmup_ratio: float = _help("share of the run's steps over which the lr rises linearly from 0 (0: none)", 0.0)
@@ -108,6 +124,8 @@ class TrainConfig:
     epochs: int = _help("training epochs", 25)
     seed: int = _help("seed of sampling, dropout and initialisation", 11711)
     device: str = _help("auto, cpu or cuda", "auto")
+    precision: str = _help("auto (bf16 autocast where the device does bf16 natively: a GPU, or a CPU with AVX-512 BF16 "
+                           "or AMX; fp32 elsewhere), fp32 or bf16; master weights stay fp32", "auto")
     eval_limit: int = _help("dev examples per task scored after each epoch (0: all)", 0)
     checkpoint_every: int = _help("also checkpoint every N steps inside an epoch (0: only at epoch ends)", 0)
     on_nonfinite: str = _help("stop (fail the run) or skip (drop the batch) when a task loss is NaN/inf", "stop")
@@ -117,6 +135,7 @@ class TrainConfig:
         _choice("train", "schedule", self.schedule, ("baseline", "loop"))
         _choice("train", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         if not self.tasks or any(t not in ALL_TASKS for t in self.tasks):
             raise ConfigError(f"train.tasks={self.tasks} must name tasks from {', '.join(ALL_TASKS)}")
         if len(self.tasks) > 1 and sorted(self.tasks) != sorted(TASKS):
@@ -138,8 +157,9 @@ class TrainConfig:
             raise ConfigError(f"train.gn_lr={self.gn_lr} must be > 0")
         if not 0 < self.epoch_fraction <= 100:
             raise ConfigError(f"train.epoch_fraction={self.epoch_fraction} must lie in (0, 100]")
-        if self.eval_limit < 0 or self.checkpoint_every < 0 or self.threads < 0:
-            raise ConfigError("train.eval_limit, train.checkpoint_every and train.threads must be >= 0")
+        if self.eval_limit < 0 or self.checkpoint_every < 0 or self.threads < 0 or self.min_epoch_steps < 0:
+            raise ConfigError("train.eval_limit, train.checkpoint_every, train.threads and train.min_epoch_steps "
+                              "must be >= 0")
         from pipeline.balancers import known_balancers  # late: balancers imports torch
 
         if self.balancer not in known_balancers():
@@ -156,7 +176,8 @@ class MLMConfig:
     mask_prob: float = _help("share of non-special tokens chosen for prediction", 0.15)
     seed: int = _help("seed of masking and dropout", 11711)
     fraction: float = _help("share of SST train sentences used per epoch (1.0: all)", 1.0)
-    tie_decoder: bool = _help("the head's vocabulary layer reuses the word embeddings (BERT practice; false: a fresh layer)", True)
+    tie_decoder: bool = _help("the head's vocabulary layer reuses the word embeddings "
+                              "(BERT practice; false: a fresh layer)", True)
     output_dir: str = _help("where the further-pretrained backbone is saved", "models/mlm")
     checkpoint_every: int = _help("checkpoint every N steps inside an epoch (0: epoch ends only)", 0)
 
@@ -171,9 +192,11 @@ class MLMConfig:
 
 @dataclass
 class EvalConfig:
-    dev_limit: int = _help("dev examples per task scored by the evaluate stage (0: all; the cpu profile scores a fixed prefix)", 0)
+    dev_limit: int = _help("dev examples per task scored by the evaluate stage "
+                           "(0: all; the cpu profile scores a fixed prefix)", 0)
     batch_size: int = _help("sentences per evaluation batch", 64)
-    test_predictions: bool = _help("also write CS224N test-set prediction files (the report makes Table 3's if skipped)", True)
+    test_predictions: bool = _help("also write CS224N test-set prediction files "
+                                   "(the report makes Table 3's if skipped)", True)
 
     def __post_init__(self):
         if self.dev_limit < 0 or self.batch_size <= 0:
@@ -259,7 +282,8 @@ def _set(tree: dict, key: str, value: Any) -> None:
         tree["name"] = value
         return
     if len(parts) != 2 or parts[0] not in SECTION_CLASSES:
-        raise ConfigError(f"unknown parameter '{key}' (expected <section>.<field>, sections: {', '.join(SECTION_CLASSES)})")
+        raise ConfigError(f"unknown parameter '{key}' "
+                          f"(expected <section>.<field>, sections: {', '.join(SECTION_CLASSES)})")
     section, name = parts
     known = {f.name: f for f in fields(SECTION_CLASSES[section])}
     if name not in known:
@@ -269,6 +293,15 @@ def _set(tree: dict, key: str, value: Any) -> None:
 
 def _default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def field_default(key: str) -> Any:
+    """The dataclass default of `section.field` (a ConfigError for an unknown key)."""
+    section, _, name = key.partition(".")
+    known = {f.name: f for f in fields(SECTION_CLASSES[section])} if section in SECTION_CLASSES else {}
+    if name not in known:
+        raise ConfigError(f"unknown parameter '{key}'")
+    return _default(known[name])
 
 
 def flatten(block: dict, prefix: str = "") -> dict:
@@ -318,10 +351,61 @@ def experiment_overrides(params: dict, experiment: str) -> dict:
     out: dict = {}
     for ext in spec.get("extensions") or []:
         if ext not in EXTENSIONS:
-            raise ConfigError(f"experiments.{experiment}.extensions: unknown extension '{ext}' (known: {', '.join(EXTENSIONS)})")
+            raise ConfigError(f"experiments.{experiment}.extensions: unknown extension '{ext}' "
+                              f"(known: {', '.join(EXTENSIONS)})")
         out.update(EXTENSIONS[ext])
     out.update(flatten(spec.get("set") or {}))
     return out
+
+
+def experiment_seeds(params: dict, experiment: str) -> list[int]:
+    """The seeds an experiment is trained under: `seeds`, plus `extra_seeds` for train_groups.seeded."""
+    seeds = list(params.get("seeds") or [TrainConfig.seed])
+    if experiment in ((params.get("train_groups") or {}).get("seeded") or []):
+        seeds += [s for s in params.get("extra_seeds") or [] if s not in seeds]
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds / extra_seeds must be lists of integers (got {seeds!r})")
+    return seeds
+
+
+PROFILE_SECTIONS = ("data", "model", "train", "eval", "mlm")
+
+
+def check_study(params: dict) -> list[str]:
+    """What would break dvc.yaml: an experiment in no or the wrong train_groups list (each in exactly
+    one; those with the mlm extension in `mlm`), a missing `extensions`/`set`, a profile without one
+    of the sections the stages depend on."""
+    problems = [f"profiles.{name}.{section} is missing (DVC stages depend on it; use {{}})"
+                for name, spec in (params.get("profiles") or {}).items()
+                for section in PROFILE_SECTIONS if section not in (spec or {})]
+    experiments = params.get("experiments") or {}
+    groups = params.get("train_groups") or {}
+    seen: dict[str, str] = {}
+    for name in groups.get("seeded") or []:  # also trained under extra_seeds, from the plain backbone
+        if name not in (groups.get("backbone") or []):
+            problems.append(f"train_groups.seeded: '{name}' must also be in train_groups.backbone")
+    for group, names in groups.items():
+        if group == "seeded":
+            continue
+        for name in names or []:
+            if name not in experiments:
+                problems.append(f"train_groups.{group}: '{name}' is not an experiment")
+            elif name in seen:
+                problems.append(f"train_groups: '{name}' is in both {seen[name]} and {group}")
+            seen[name] = group
+    for name, spec in experiments.items():
+        wants = "mlm" if "mlm" in ((spec or {}).get("extensions") or []) else "backbone"
+        if name not in seen:
+            problems.append(f"experiments.{name} is in no train_groups list (DVC never trains it)")
+        elif seen[name] != wants:
+            problems.append(f"experiments.{name} belongs in train_groups.{wants}, not {seen[name]}")
+        for key in ("extensions", "set"):
+            if key not in (spec or {}):
+                problems.append(f"experiments.{name}.{key} is missing (its DVC stages depend on it; use [] or {{}})")
+        unknown = set((spec or {}).get("extensions") or []) - set(EXTENSIONS)
+        if unknown:
+            problems.append(f"experiments.{name}.extensions: unknown {sorted(unknown)}")
+    return problems
 
 
 def load_config(
@@ -332,6 +416,10 @@ def load_config(
 ) -> Config:
     """Compose the typed config; every problem is a one-line ConfigError naming the parameter."""
     params = read_params(params_path) if params_path else {}
+    problems = check_study(params) if params.get("experiments") and params.get("train_groups") else []
+    if problems:  # before anything trains, not at report time
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{params_path}: {problems[0]}{more}")
     flat: dict[str, Any] = {}
     for section in SECTION_CLASSES:
         flat.update(flatten({section: params.get(section) or {}}))
@@ -339,7 +427,8 @@ def load_config(
         override_items = list(overrides.items())
     else:
         override_items = [parse_override(o) for o in (overrides or [])]
-    profile = profile or dict(override_items).get("profile") or os.environ.get("MINBERT_PROFILE") or params.get("profile")
+    profile = (profile or dict(override_items).get("profile") or os.environ.get("MINBERT_PROFILE")
+               or params.get("profile"))
     if profile:
         profiles = params.get("profiles") or {}
         if profile not in profiles:
@@ -351,6 +440,9 @@ def load_config(
     for key, value in override_items:
         if key != "profile":
             flat[key] = value
+    for key, value in list(flat.items()):  # "${section.field}": another parameter's final value
+        if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+            flat[key] = flat[value[2:-1]] if value[2:-1] in flat else field_default(value[2:-1])
     tree: dict = {}
     for key, value in flat.items():
         _set(tree, key, value)

@@ -63,8 +63,7 @@ FILES = [
     FileSpec("sts", "test", "sts-test-student.csv", ("sentence1", "sentence2"), None),
 ]
 SPECS = {(s.task, s.split): s for s in FILES}
-NUM_CLASSES = {"sst": 5, "cfimdb": 2}
-
+from pipeline.tasks import NUM_CLASSES  # noqa: E402,F401 (re-exported)
 
 # ---------------------------------------------------------------- locating files
 
@@ -105,7 +104,8 @@ def download_official(cache: Path) -> Path:
         target = cache / spec.filename
         if target.exists():
             if spec.filename in sums and pio.sha256_file(target) != sums[spec.filename]:
-                raise DataError(f"{target}: checksum differs from {cache / 'SHA256SUMS'}; delete the file to download it again")
+                raise DataError(f"{target}: checksum differs from {cache / 'SHA256SUMS'}; "
+                                "delete the file to download it again")
             continue
         url = OFFICIAL_URL + spec.filename
         log.info("downloading %s", url)
@@ -115,13 +115,14 @@ def download_official(cache: Path) -> Path:
         except urllib.error.HTTPError as err:
             if spec.optional and err.code == 404:
                 continue
-            raise DataError(f"cannot download {url} (HTTP {err.code}); set MINBERT_DATA_DIR or data.data_dir to a folder holding the CS224N files") from None
+            raise DataError(f"cannot download {url} (HTTP {err.code}); "
+                            "set MINBERT_DATA_DIR or data.data_dir to a folder holding the CS224N files") from None
         except (urllib.error.URLError, OSError) as err:
             raise DataError(
-                f"cannot download {url} ({getattr(err, 'reason', err)}); offline? set MINBERT_DATA_DIR or data.data_dir "
-                f"to a folder holding the CS224N files"
+                f"cannot download {url} ({getattr(err, 'reason', err)}); offline? set MINBERT_DATA_DIR or "
+                f"data.data_dir to a folder holding the CS224N files"
             ) from None
-        pio.write_with(target, lambda tmp: tmp.write_bytes(payload))
+        pio.write_with(target, lambda tmp, payload=payload: tmp.write_bytes(payload))
         sums[spec.filename] = pio.sha256_file(target)
         changed = True
     if changed:
@@ -197,7 +198,7 @@ def read_task_file(path: Path, spec: FileSpec) -> tuple[Examples, list[BadRow], 
     for line_no, line in enumerate(lines[1:], start=2):
         row, unreadable = _split_row(line)
 
-        def reject(reason: str) -> None:
+        def reject(reason: str, line_no: int = line_no) -> None:
             bad.append(BadRow(spec.filename, line_no, reason))
 
         if len(row) != len(header):
@@ -288,7 +289,8 @@ def prepare(data_cfg, tokenizer, backbone_id: str) -> dict:
             if sentences:
                 flat, offsets = _tokenize(tokenizer, sentences, data_cfg.max_length)
                 tensors[f"{key}_ids"], tensors[f"{key}_offsets"] = flat, offsets
-        pio.write_with(out_dir / f"{spec.task}-{spec.split}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        pio.write_with(out_dir / f"{spec.task}-{spec.split}.safetensors",
+                       lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
         pio.write_json(out_dir / f"{spec.task}-{spec.split}.ids.json", ex.ids)
     special = {
         "pad_id": tokenizer.pad_token_id, "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id,
@@ -324,11 +326,15 @@ class TaskData:
         self.task, self.split, self.ids = task, split, ids
         self.labels = torch.from_numpy(tensors["labels"])
         self.s1 = (torch.from_numpy(tensors["s1_ids"].astype(np.int64)), tensors["s1_offsets"])
-        self.s2 = (torch.from_numpy(tensors["s2_ids"].astype(np.int64)), tensors["s2_offsets"]) if "s2_ids" in tensors else None
+        self.s2 = ((torch.from_numpy(tensors["s2_ids"].astype(np.int64)), tensors["s2_offsets"])
+                   if "s2_ids" in tensors else None)
         lens = np.diff(self.s1[1])
         if self.s2 is not None:
             lens = np.maximum(lens, np.diff(self.s2[1]))
         self.lengths = lens
+        # Cached frozen-prefix states (pipeline/cache.py): part -> (flat [tokens, hidden], offsets).
+        self.hidden: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+        self.hidden_layers = 0
 
     @property
     def pair(self) -> bool:
@@ -351,6 +357,7 @@ class TaskData:
         sub.labels, sub.lengths = self.labels[torch.from_numpy(rows)], self.lengths[rows]
         sub.s1 = _take(self.s1, rows)
         sub.s2 = _take(self.s2, rows) if self.s2 is not None else None
+        sub.hidden = {part: _take(h, rows) for part, h in self.hidden.items()}
         return sub
 
 
@@ -434,8 +441,39 @@ def _seqs(part: tuple[torch.Tensor, np.ndarray], idx: np.ndarray) -> list[torch.
     return [flat[offsets[i]: offsets[i + 1]] for i in idx]
 
 
+def _pad_hidden(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    hidden = torch.zeros((len(seqs), width, seqs[0].shape[-1]), dtype=torch.float32)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        hidden[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return hidden, mask
+
+
+def collate_hidden(data: TaskData, idx: np.ndarray, cross: bool = False) -> dict:
+    """A padded batch of cached prefix states (fp32) instead of token ids; the same layout as collate's."""
+    idx = np.asarray(idx)
+    batch = {"labels": data.labels[idx], "index": torch.from_numpy(idx), "hidden_layers": data.hidden_layers}
+    if cross:
+        batch["hidden"], batch["attention_mask"] = _pad_hidden(_seqs(data.hidden["cross"], idx))
+        batch["cross"] = True
+    elif data.pair:
+        batch["hidden"], batch["attention_mask"] = _pad_hidden(
+            _seqs(data.hidden["s1"], idx) + _seqs(data.hidden["s2"], idx))
+        batch["pair_size"] = len(idx)
+    else:
+        batch["hidden"], batch["attention_mask"] = _pad_hidden(_seqs(data.hidden["s1"], idx))
+    return batch
+
+
 def collate(data: TaskData, idx: np.ndarray, pad_id: int, cross: bool = False, max_pair_length: int = 512) -> dict:
-    """A padded batch. Pairs are stacked [s1; s2] for one encoder pass, or joined for a cross-encoder."""
+    """A padded batch. Pairs are stacked [s1; s2] for one encoder pass, or joined for a cross-encoder.
+
+    A split with cached prefix states (data.hidden) gives a batch of those states instead of token ids.
+    """
+    if data.hidden and ("cross" in data.hidden or not cross):
+        return collate_hidden(data, idx, cross=cross)
     idx = np.asarray(idx)
     batch = {"labels": data.labels[idx], "index": torch.from_numpy(idx)}
     if not data.pair:
@@ -447,7 +485,8 @@ def collate(data: TaskData, idx: np.ndarray, pad_id: int, cross: bool = False, m
         for x, y in zip(a, b):
             seq = torch.cat([x, y[1:]])[:max_pair_length]  # [CLS] s1 [SEP] s2 [SEP]
             joined.append(seq)
-            types.append(torch.cat([torch.zeros(len(x), dtype=torch.long), torch.ones(len(y) - 1, dtype=torch.long)])[:max_pair_length])
+            types.append(torch.cat([torch.zeros(len(x), dtype=torch.long),
+                                    torch.ones(len(y) - 1, dtype=torch.long)])[:max_pair_length])
         batch["input_ids"], batch["attention_mask"] = _pad(joined, pad_id)
         batch["token_type_ids"], _ = _pad(types, 0)
         batch["cross"] = True

@@ -1,4 +1,4 @@
-"""Metrics, prediction files and the evaluate stage.
+"""Metrics and prediction files (the evaluate stage itself is pipeline/stages.py run_evaluate).
 
 Metric keys are the same everywhere (metrics.json, the report, W&B, Optuna):
 sst_acc, para_acc, sts_corr, cfimdb_acc, avg (the paper's plain mean of the three)
@@ -15,45 +15,12 @@ from tqdm import tqdm
 
 from pipeline import io as pio
 from pipeline.data import TaskData, collate, to_device
+from pipeline.tasks import METRIC_OF_TASK, TASKS, accuracy, pearson, summarize, task_score  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-METRIC_OF_TASK = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_corr", "cfimdb": "cfimdb_acc"}
 # The CS224N leaderboard's file names and header words.
-LEADERBOARD = {"sst": ("sst", "Predicted_Sentiment"), "para": ("para", "Predicted_Is_Paraphrase"),
-               "sts": ("sts", "Predicted_Similiary"), "cfimdb": ("cfimdb", "Predicted_Sentiment")}
-
-
-def accuracy(pred, gold) -> float:
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    if len(gold) == 0:
-        return float("nan")
-    return float((pred == gold).mean())
-
-
-def pearson(pred, gold) -> float:
-    pred, gold = np.asarray(pred, dtype=float), np.asarray(gold, dtype=float)
-    if len(gold) < 2 or np.std(pred) == 0 or np.std(gold) == 0:
-        return 0.0  # a constant prediction carries no correlation
-    from scipy.stats import pearsonr  # here, not at module level: scipy.stats adds ~1.5 s to every CLI start
-
-    return float(pearsonr(pred, gold).statistic)
-
-
-def task_score(task: str, pred, gold) -> float:
-    return pearson(pred, gold) if task == "sts" else accuracy(pred, np.asarray(gold).astype(int))
-
-
-def summarize(scores: dict[str, float]) -> dict[str, float]:
-    """Add the paper's avg and the leaderboard average when all three multitask scores exist."""
-    out = dict(scores)
-    if all(k in scores for k in ("sst_acc", "para_acc", "sts_corr")):
-        s, p, c = scores["sst_acc"], scores["para_acc"], scores["sts_corr"]
-        out["avg"] = (s + p + c) / 3
-        out["leaderboard_avg"] = (s + p + (c + 1) / 2) / 3
-    elif len(scores) == 1:
-        out["avg"] = next(iter(scores.values()))
-    return out
+LEADERBOARD = {t.name: (t.name, t.leaderboard_header) for t in TASKS.values()}
 
 
 @torch.inference_mode()
@@ -63,22 +30,12 @@ def predict(model, data: TaskData, pad_id: int, batch_size: int, device, desc: s
     order = np.argsort(data.lengths, kind="stable")
     out = np.zeros(len(data), dtype=np.float32)
     cross = data.pair and data.task == "para" and model.cfg.para_head == "cross"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     for start in tqdm(range(0, len(order), batch_size), desc=desc or f"eval {data.task}-{data.split}",
                       leave=False, disable=None):
         idx = order[start: start + batch_size]
         batch = to_device(collate(data, idx, pad_id, cross=cross), device)
-        with autocast:
-            out[idx] = model.predict(data.task, batch).float().cpu().numpy()
+        out[idx] = model.predict(data.task, batch).float().cpu().numpy()  # the model autocasts its encoder
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def score_tasks(model, dev: dict[str, TaskData], pad_id: int, batch_size: int, device) -> tuple[dict, dict]:
@@ -93,7 +50,7 @@ def score_tasks(model, dev: dict[str, TaskData], pad_id: int, batch_size: int, d
 def write_leaderboard_file(path: Path, task: str, ids: list[str], preds: np.ndarray) -> None:
     """CS224N format: a header line, then `id , prediction` per example."""
     _, header = LEADERBOARD[task]
-    fmt = (lambda v: f"{v:.4f}") if task == "sts" else (lambda v: str(int(v)))
+    fmt = (lambda v: f"{v:.4f}") if TASKS[task].pair_kind == "score" else (lambda v: str(int(v)))
     lines = [f"id \t {header} \n"] + [f"{i} , {fmt(p)} \n" for i, p in zip(ids, preds)]
     pio.write_text(path, "".join(lines))
 

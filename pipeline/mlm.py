@@ -2,7 +2,7 @@
 
 `pretrain-mlm` writes `mlm.output_dir` as a complete backbone folder (config, weights,
 tokenizer, metrics.json) that `model.init_from` and `load_backbone` read. It checkpoints
-into `<output_dir>.ckpt/` with train.py's checkpoint helpers: outside the output folder,
+into `<output_dir>.ckpt/` with pipeline/runtime.py's checkpoint helpers: outside the output folder,
 because DVC empties a stage's outputs before running it. A killed run started again with
 the same command resumes there and ends bit-identical to an uninterrupted one. The
 checkpoint folder is deleted once the output is in place: it holds the optimizer state
@@ -28,8 +28,17 @@ from pipeline import io as pio
 from pipeline.data import collate, epoch_sample, length_batches, load_split, to_device, tokenizer_info
 from pipeline.errors import ConfigError, NonFiniteLossError, PipelineError
 from pipeline.model import load_backbone, load_tokenizer
-from pipeline.train import (TrainState, _autocast, find_checkpoint, load_checkpoint, pick_device, save_checkpoint,
-                            seed_everything)
+from pipeline.runtime import (
+    TrainState,
+    autocast,
+    find_checkpoint,
+    load_checkpoint,
+    pick_device,
+    read_slot,
+    resolve_precision,
+    save_checkpoint,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +93,28 @@ class MaskedLM(nn.Module):
     instead of those of a random 30k-way classifier.
     """
 
-    def __init__(self, backbone: nn.Module, tie_decoder: bool = True):
+    def __init__(self, backbone: nn.Module, tie_decoder: bool = True, freeze_layers: int = 0):
         super().__init__()
         self.bert = backbone
+        # Partial fine-tuning: the same lower layers as the task training stay frozen (and in eval
+        # mode), so the MLM backbone keeps the frozen prefix, and its cache, of the backbone.
+        self.frozen = [backbone.embeddings, *backbone.encoder.layer[:freeze_layers]] if freeze_layers else []
+        for module in self.frozen:
+            module.requires_grad_(False)
         hidden, vocab = backbone.config.hidden_size, backbone.config.vocab_size
         self.tie_decoder = tie_decoder
         if tie_decoder:
             self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.LayerNorm(hidden))
             self.decoder_bias = nn.Parameter(torch.zeros(vocab))
         else:
-            self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.LayerNorm(hidden), nn.Linear(hidden, vocab))
+            self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.LayerNorm(hidden),
+                                      nn.Linear(hidden, vocab))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         h = self.head(hidden)
@@ -113,7 +134,7 @@ class MaskedLM(nn.Module):
 
 
 class _MaskingState:
-    """Rides in save_checkpoint's balancer slot: the masking generator and the run's parameters."""
+    """The checkpoint's `masking` slot: the masking generator and the run's parameters."""
 
     def __init__(self, generator: torch.Generator, fingerprint: str):
         self.generator, self.fingerprint = generator, fingerprint
@@ -129,20 +150,26 @@ def _fingerprint(cfg, info: dict) -> str:
     """What fixes the MLM trajectory; epochs, checkpoint_every and output_dir may change on resume."""
     m = cfg.mlm
     return json.dumps({"model.backbone": cfg.model.backbone, "mlm.lr": m.lr, "mlm.batch_size": m.batch_size,
-                       "mlm.mask_prob": m.mask_prob, "mlm.seed": m.seed, "mlm.fraction": m.fraction, "mlm.tie_decoder": m.tie_decoder,
+                       "mlm.mask_prob": m.mask_prob, "mlm.seed": m.seed, "mlm.fraction": m.fraction,
+                       "mlm.tie_decoder": m.tie_decoder,
                        "train.weight_decay": cfg.train.weight_decay, "data.max_length": cfg.data.max_length,
-                       "data.limit": cfg.data.limit, "vocab_size": info["vocab_size"]}, sort_keys=True)
+                       "data.limit": cfg.data.limit, "vocab_size": info["vocab_size"],
+                       "model.freeze_layers": cfg.model.freeze_layers,
+                       "train.precision": resolve_precision(cfg.train.precision, pick_device(cfg.train.device))},
+                      sort_keys=True)
 
 
 def _check_resumable(ckpt: Path, fingerprint: str) -> None:
     """Refuse, in one line, a checkpoint written with other parameters, before any weight is loaded."""
     try:
-        saved = torch.load(ckpt / "trainer.pt", weights_only=True, map_location="cpu", mmap=True)["balancer"]["fingerprint"]
+        saved = read_slot(ckpt, "masking")["fingerprint"]
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
-        raise PipelineError(f"{ckpt}: unreadable MLM checkpoint ({type(err).__name__}); delete {ckpt.parent} to start over") from None
+        raise PipelineError(f"{ckpt}: unreadable MLM checkpoint ({type(err).__name__}); "
+                            f"delete {ckpt.parent} to start over") from None
     if saved != fingerprint:
         old, new = json.loads(saved), json.loads(fingerprint)
-        diff = ", ".join(f"{k}={old.get(k)!r}->{new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        diff = ", ".join(f"{k}={old.get(k)!r}->{new.get(k)!r}" for k in sorted(set(old) | set(new))
+                         if old.get(k) != new.get(k))
         raise PipelineError(f"{ckpt}: checkpoint was written with other parameters ({diff}); "
                             f"restore them to resume, or delete {ckpt.parent} to start over")
 
@@ -151,7 +178,8 @@ def _check_resumable(ckpt: Path, fingerprint: str) -> None:
 
 
 @torch.inference_mode()
-def evaluate_mlm(model: MaskedLM, data, info: dict, mask_prob: float, seed: int, batch_size: int, device) -> dict:
+def evaluate_mlm(model: MaskedLM, data, info: dict, mask_prob: float, seed: int, batch_size: int, device,
+                 precision: str = "fp32") -> dict:
     """Masked-token accuracy and mean loss on `data`, with the masks of a fresh generator seeded `seed`."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -164,7 +192,7 @@ def evaluate_mlm(model: MaskedLM, data, info: dict, mask_prob: float, seed: int,
         if not (labels != IGNORE).any():
             continue
         batch = to_device({"input_ids": ids, "attention_mask": batch["attention_mask"], "labels": labels}, device)
-        with _autocast(device):
+        with autocast(device, precision):
             logits, targets = model.chosen_logits(batch)
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         correct += int((logits.argmax(-1) == targets).sum())
@@ -221,16 +249,22 @@ def run_mlm(cfg) -> dict:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(mc.seed)
     device = pick_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
     info = tokenizer_info(cfg.data.prepared_dir)
     train_data = load_split(cfg.data.prepared_dir, "sst", "train")
     dev_data = load_split(cfg.data.prepared_dir, "sst", "dev")
 
     backbone = load_backbone(cfg.model.backbone)
     if info["vocab_size"] > backbone.config.vocab_size:
-        raise ConfigError(f"model.backbone={cfg.model.backbone!r} has {backbone.config.vocab_size} token embeddings but "
-                          f"{cfg.data.prepared_dir} was tokenised with {info['vocab_size']}; run prepare with this backbone")
-    model = MaskedLM(backbone, tie_decoder=cfg.mlm.tie_decoder).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=mc.lr, weight_decay=cfg.train.weight_decay, fused=True)
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r} has {backbone.config.vocab_size} token embeddings "
+                          f"but {cfg.data.prepared_dir} was tokenised with {info['vocab_size']}; "
+                          "run prepare with this backbone")
+    if cfg.model.freeze_layers > len(backbone.encoder.layer):
+        raise ConfigError(f"model.freeze_layers={cfg.model.freeze_layers} but the backbone has "
+                          f"{len(backbone.encoder.layer)} layers")
+    model = MaskedLM(backbone, tie_decoder=cfg.mlm.tie_decoder, freeze_layers=cfg.model.freeze_layers).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=mc.lr, weight_decay=cfg.train.weight_decay, fused=True)
     generator = torch.Generator().manual_seed(mc.seed)
     masking = _MaskingState(generator, _fingerprint(cfg, info))
 
@@ -238,7 +272,7 @@ def run_mlm(cfg) -> dict:
     ckpt = find_checkpoint(ckpt_root)
     if ckpt is not None:
         _check_resumable(ckpt, masking.fingerprint)
-        state, steps_log = load_checkpoint(ckpt, model, optimizer, masking)
+        state, steps_log = load_checkpoint(ckpt, model, optimizer, {"masking": masking})
         log.info("resuming MLM pretraining from %s at epoch %d step %d", ckpt, state.epoch, state.step_in_epoch)
 
     per_epoch = max(1, int(round(len(train_data) * mc.fraction)))
@@ -254,8 +288,9 @@ def run_mlm(cfg) -> dict:
                                       info["mask_id"], info["vocab_size"], mc.mask_prob, generator)
             value = None
             if (labels != IGNORE).any():  # a batch of very short sentences can draw no token at all
-                batch = to_device({"input_ids": ids, "attention_mask": batch["attention_mask"], "labels": labels}, device)
-                with _autocast(device):
+                batch = to_device({"input_ids": ids, "attention_mask": batch["attention_mask"], "labels": labels},
+                                  device)
+                with autocast(device, precision):
                     loss = model.loss(batch)
                 value = loss.item()  # one host sync per step, needed to stop before a non-finite update
                 if not math.isfinite(value):
@@ -267,21 +302,23 @@ def run_mlm(cfg) -> dict:
                     bar.set_postfix(loss=f"{value:.3f}")
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
             steps_log.append({"step": state.global_step, "epoch": epoch + 1, "loss": value})
-            if mc.checkpoint_every and state.global_step % mc.checkpoint_every == 0 and state.step_in_epoch < len(batches):
-                save_checkpoint(ckpt_root, model, optimizer, masking, state, steps_log)
+            if (mc.checkpoint_every and state.global_step % mc.checkpoint_every == 0
+                    and state.step_in_epoch < len(batches)):
+                save_checkpoint(ckpt_root, model, optimizer, state, steps_log, {"masking": masking})
         bar.close()
         # The epoch's mean loss comes from the step log, which a resume restores, not from a running sum.
         losses = [s["loss"] for s in steps_log if s["epoch"] == epoch + 1 and s["loss"] is not None]
-        dev = evaluate_mlm(model, dev_data, info, mc.mask_prob, mc.seed, cfg.eval.batch_size, device)
+        dev = evaluate_mlm(model, dev_data, info, mc.mask_prob, mc.seed, cfg.eval.batch_size, device, precision)
         state.history.append({"epoch": epoch + 1, "steps": len(batches),
                               "train_loss": sum(losses) / len(losses) if losses else None, **dev})
         log.info("mlm epoch %d: train_loss=%.4f mlm_dev_acc=%.4f mlm_dev_loss=%.4f", epoch + 1,
                  state.history[-1]["train_loss"] or math.nan, dev["mlm_dev_acc"], dev["mlm_dev_loss"])
         state.epoch, state.step_in_epoch = epoch + 1, 0
-        save_checkpoint(ckpt_root, model, optimizer, masking, state, steps_log)
+        save_checkpoint(ckpt_root, model, optimizer, state, steps_log, {"masking": masking})
 
     last = state.history[-1]
-    metrics = {"mlm_dev_acc": last["mlm_dev_acc"], "mlm_dev_loss": last["mlm_dev_loss"], "train_loss": last["train_loss"],
+    metrics = {"mlm_dev_acc": last["mlm_dev_acc"], "mlm_dev_loss": last["mlm_dev_loss"],
+               "train_loss": last["train_loss"],
                "epochs": last["epoch"], "steps": state.global_step, "backbone": cfg.model.backbone,
                "history": state.history}
     save_backbone(out_dir, model.bert, cfg.model.backbone, metrics)

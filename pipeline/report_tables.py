@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate import summarize
-from pipeline.report_stats import Bootstrap, Difference, Estimate
+from pipeline.report_stats import Bootstrap, Difference, Estimate, summarize
 
 METRIC_NAMES = {"avg": "Avg.", "sst_acc": "SST Acc.", "para_acc": "Para Acc.", "sts_corr": "STS Corr.",
                 "cfimdb_acc": "CFIMDB Acc.", "leaderboard_avg": "Leaderboard avg."}
@@ -22,6 +21,12 @@ PAPER_METRICS = ("avg", "sst_acc", "para_acc", "sts_corr", "cfimdb_acc")
 PAPER_COLUMNS = ("table", "split", "experiment", *PAPER_METRICS)
 MAJORITY = "Majority class (dev)"
 MISSING = "missing"
+DID_NOT_LEARN = "did not learn"
+# Where "did not learn" is judged: a classification task whose majority-class rate is a floor.
+# (STS is a correlation: the constant predictor scores 0, and Table 1 is the only one with CFIMDB.)
+LEARN_METRICS = ("sst_acc", "para_acc", "cfimdb_acc")
+# The task metrics each combined metric averages.
+COMPONENTS = {"avg": ("sst_acc", "para_acc", "sts_corr"), "leaderboard_avg": ("sst_acc", "para_acc", "sts_corr")}
 
 
 def read_paper_results(path: str | Path) -> pd.DataFrame:
@@ -59,10 +64,15 @@ class Row:
     paper: dict[str, float] = field(default_factory=dict)
     ours: dict[str, Estimate] = field(default_factory=dict)
     diff: dict[str, Difference] = field(default_factory=dict)
+    did_not_learn: dict[str, float] = field(default_factory=dict)  # metric -> the majority-class rate it missed
 
     @property
     def missing(self) -> bool:
         return not self.ours
+
+    def learned(self, metric: str) -> bool:
+        """False when the row did not learn the metric's task, or (combined metrics) any task in it."""
+        return not any(m in self.did_not_learn for m in (metric, *COMPONENTS.get(metric, ())))
 
 
 def table_rows(paper: pd.DataFrame, experiments: dict, table: int) -> list[Row]:
@@ -98,6 +108,14 @@ def find_row(tables: dict[int, list[Row]], table: int, label: str | None) -> Row
     return next((r for t in order for r in tables.get(t, []) if r.label == label), None)
 
 
+def mark_did_not_learn(rows: list[Row], majority: dict[str, Estimate]) -> None:
+    """A row did not learn a task when the lower end of its interval is not above the majority-class
+    rate of the same dev examples (decided on unrounded numbers)."""
+    for row in rows:
+        row.did_not_learn = {m: majority[m].point for m in LEARN_METRICS
+                             if m in row.ours and m in majority and row.ours[m].lo <= majority[m].point}
+
+
 def differences(rows: list[Row], ref: Row | None, boot: Bootstrap) -> None:
     """Paired-bootstrap differences of every row from the reference row."""
     if ref is None:
@@ -110,23 +128,43 @@ def differences(rows: list[Row], ref: Row | None, boot: Bootstrap) -> None:
 # ---------------------------------------------------------------- rendering
 
 
-def _num(x: float, signed: bool = False) -> str:
+def _num(x: float | None, signed: bool = False) -> str:
+    """Three decimals; a non-zero number that would print as 0.000 keeps two significant digits,
+    so an interval end is never shown as a zero it is not."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
+    if x == 0:
+        return "0"
+    if abs(x) < 0.0005:
+        return f"{x:+.1e}" if signed else f"{x:.1e}"
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
-def cell(est: Estimate | None) -> str:
+def seeds_text(row: Row) -> str:
+    """How many seeds each score of the row averages ('3', or 'SST Acc. 3, CFIMDB Acc. 1' when they differ)."""
+    counts = {m: e.n_seeds for m, e in row.ours.items() if m in METRIC_NAMES}
+    if not counts:
+        return "—"
+    if len(set(counts.values())) == 1:
+        return str(next(iter(counts.values())))
+    return ", ".join(f"{METRIC_NAMES[m]} {n}" for m, n in counts.items() if m not in COMPONENTS)
+
+
+def cell(est: Estimate | None, did_not_learn: bool = False) -> str:
+    """'mean ± std across seeds [bootstrap CI]' (± std only with several seeds), flagged when not learned."""
     if est is None:
         return MISSING
     spread = f" ± {est.std:.3f}" if est.n_seeds > 1 else ""
-    return f"{est.point:.3f}{spread} [{est.lo:.3f}, {est.hi:.3f}]"
+    flag = f" ({DID_NOT_LEARN})" if did_not_learn else ""
+    return f"{est.point:.3f}{spread} [{_num(est.lo)}, {_num(est.hi)}]{flag}"
 
 
 def diff_cell(d: Difference | None) -> str:
+    """'+0.012 [+0.004, +0.020]; seeds [-0.010, +0.030] ~noise (seeds)': both intervals, the verdict spelled out."""
     if d is None:
         return "—"
-    return f"{d.point:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" + (" ~noise" if d.within_noise else "")
+    seeds = f"; seeds [{_num(d.seed_lo, True)}, {_num(d.seed_hi, True)}]" if d.has_seed_interval else ""
+    return f"{_num(d.point, True)} [{_num(d.lo, True)}, {_num(d.hi, True)}]{seeds} {d.marker}"
 
 
 def to_frame(rows: list[Row], metrics: list[str], majority: dict[str, Estimate]) -> pd.DataFrame:
@@ -139,24 +177,32 @@ def to_frame(rows: list[Row], metrics: list[str], majority: dict[str, Estimate])
             est, d = row.ours.get(m), row.diff.get(m)
             rec.update({m: est.point if est else np.nan, f"{m}_lo": est.lo if est else np.nan,
                         f"{m}_hi": est.hi if est else np.nan, f"{m}_std": est.std if est else np.nan,
+                        f"{m}_n_seeds": est.n_seeds if est else 0,
                         f"{m}_n": est.n if est else np.nan, f"{m}_paper": row.paper.get(m, np.nan),
+                        f"{m}_majority": majority[m].point if m in majority else np.nan,
+                        f"{m}_did_not_learn": (m in row.did_not_learn) if est and row.label != MAJORITY else None,
                         f"{m}_diff": d.point if d else np.nan, f"{m}_diff_lo": d.lo if d else np.nan,
                         f"{m}_diff_hi": d.hi if d else np.nan,
+                        f"{m}_diff_seed_lo": d.seed_lo if d else np.nan,
+                        f"{m}_diff_seed_hi": d.seed_hi if d else np.nan,
+                        f"{m}_diff_basis": d.basis if d else None,
+                        f"{m}_resolved": d.resolved if d else None,
                         f"{m}_within_noise": d.within_noise if d else None})
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
 def display_frame(rows: list[Row], metrics: list[str], majority: dict[str, Estimate]) -> pd.DataFrame:
-    """Human-readable scores: ours [95% CI] beside the paper's, per metric."""
+    """Human-readable scores: ours (mean ± std across seeds) [95% CI] beside the paper's, per metric."""
     out = []
     for row in rows:
-        rec = {"Row": row.label}
+        rec = {"Row": row.label, "Seeds": seeds_text(row) if not row.missing else "0"}
         for m in metrics:
-            rec[f"{METRIC_NAMES[m]} ours"] = cell(row.ours.get(m)) if not row.missing else MISSING
+            rec[f"{METRIC_NAMES[m]} ours"] = (cell(row.ours.get(m), m in row.did_not_learn)
+                                              if not row.missing else MISSING)
             rec[f"{METRIC_NAMES[m]} paper"] = _num(row.paper.get(m, math.nan))
         out.append(rec)
-    rec = {"Row": MAJORITY}
+    rec = {"Row": MAJORITY, "Seeds": "—"}
     for m in metrics:
         rec[f"{METRIC_NAMES[m]} ours"] = cell(majority.get(m)) if m in majority else "—"
         rec[f"{METRIC_NAMES[m]} paper"] = "—"
@@ -165,14 +211,17 @@ def display_frame(rows: list[Row], metrics: list[str], majority: dict[str, Estim
 
 
 def diff_frame(rows: list[Row], metrics: list[str], ref: Row | None) -> pd.DataFrame:
-    """Differences from the reference row: ours (paired bootstrap CI, ~noise marked) and the paper's."""
+    """Differences from the reference row: ours (paired bootstrap CI, seed CI, verdict) and the paper's."""
     out = []
     for row in rows:
         if row is ref:
             continue
         rec = {"Row": row.label}
         for m in metrics:
-            rec[f"Δ {METRIC_NAMES[m]} ours"] = diff_cell(row.diff.get(m)) if not row.missing else MISSING
+            text = diff_cell(row.diff.get(m)) if not row.missing else MISSING
+            if row.diff.get(m) is not None and not (row.learned(m) and (ref is None or ref.learned(m))):
+                text += f" ({DID_NOT_LEARN}: {row.label if not row.learned(m) else ref.label})"
+            rec[f"Δ {METRIC_NAMES[m]} ours"] = text
             paper = (row.paper.get(m, math.nan) - ref.paper.get(m, math.nan)) if ref else math.nan
             rec[f"Δ {METRIC_NAMES[m]} paper"] = _num(paper, signed=True)
         out.append(rec)

@@ -1,34 +1,30 @@
-"""Stage functions behind the CLI: prepare, evaluate, summary. Training lives in train.py."""
+"""Stage functions behind the CLI: evaluate and summary (prepare: pipeline/prepare.py, cache: pipeline/cache.py,
+training: pipeline/train.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import io as pio
 from pipeline.config import config_from_dict
-from pipeline.data import load_split, prepare, tokenizer_info, SPECS
+from pipeline.data import tokenizer_info
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (METRIC_OF_TASK, predict, score_tasks, summarize, task_score, write_dev_predictions,
-                               write_leaderboard_file)
-from pipeline.model import build_model, load_tokenizer
-from pipeline.train import BEST, pick_device
+from pipeline.evaluate import (
+    predict,
+    score_tasks,
+    write_dev_predictions,
+    write_leaderboard_file,
+)
+from pipeline.model import build_model
+from pipeline.runtime import pick_device, resolve_precision
+from pipeline.train import BEST, load_task_data, open_prefix_cache
 
 log = logging.getLogger(__name__)
-
-
-def run_prepare(cfg) -> dict:
-    tokenizer = load_tokenizer(cfg.model.backbone)
-    report = prepare(cfg.data, tokenizer, cfg.model.backbone)
-    s = report["summary"]
-    detail = ", ".join(f"{f}: {n}" for f, n in s["bad_by_file"].items()) or "none"
-    log.info("prepare: %d rows read, %d bad rows skipped (%s); details in %s", s["rows"], s["bad"], detail,
-             Path(cfg.data.prepared_dir) / "report.json")
-    return report
 
 
 def load_trained(run_dir: Path, device):
@@ -40,6 +36,7 @@ def load_trained(run_dir: Path, device):
         cfg = config_from_dict(json.loads(fh.metadata()["config"]))
     model = build_model(cfg.model, list(cfg.train.tasks))
     model.load_state_dict(load_file(str(path)))
+    model.set_precision(device, resolve_precision(cfg.train.precision, device))
     return model.to(device), cfg
 
 
@@ -52,18 +49,23 @@ def run_evaluate(cfg, run_dir: Path | None = None) -> dict:
     pad_id = tokenizer_info(prepared)["pad_id"]
     tasks = list(trained_cfg.train.tasks)
     batch = cfg.eval.batch_size
-    dev = {t: load_split(prepared, t, "dev").subset(cfg.eval.dev_limit) for t in tasks}
+    # The trained run's own config says which backbone (MLM or not) and frozen prefix the weights sit on.
+    prefix = open_prefix_cache(dataclasses.replace(trained_cfg, data=cfg.data), model)
+    dev = load_task_data(cfg, tasks, "dev", prefix, cfg.eval.dev_limit)
     scores, preds = score_tasks(model, dev, pad_id, batch, device)
     out = run_dir / "predictions"
     for t in tasks:
         write_leaderboard_file(out / f"{t}-dev-output.csv", t, dev[t].ids, preds[t])
         if cfg.eval.test_predictions and (Path(prepared) / f"{t}-test.safetensors").exists():
-            test = load_split(prepared, t, "test")
+            test = load_task_data(cfg, [t], "test", prefix)[t]
             write_leaderboard_file(out / f"{t}-test-output.csv", t, test.ids,
                                    predict(model, test, pad_id, batch, device))
     write_dev_predictions(run_dir / "dev_predictions.csv", dev, preds)
+    record = pio.read_json(run_dir / "record.json") if (run_dir / "record.json").exists() else {}
+    ran = record.get("metrics") or {}
     metrics = {**scores, "n_dev": {t: len(d) for t, d in dev.items()}, "seed": trained_cfg.train.seed,
-               "experiment": trained_cfg.name}
+               "experiment": trained_cfg.name, "precision": model.precision, "freeze_layers": model.frozen_layers,
+               "steps": ran.get("steps")}
     pio.write_json(run_dir / "metrics.json", metrics)
     log.info("%s dev: %s", trained_cfg.name,
              " ".join(f"{k}={v:.4f}" for k, v in scores.items() if isinstance(v, float)))

@@ -171,7 +171,8 @@ class WandbTracker:
                                   settings=wandb.Settings(console="off", silent=True, init_timeout=120))
             self.owned = True
         except Exception as err:  # tracking is optional: a W&B outage must not cost the training run
-            log.warning("W&B logging off for this run: %s", str(err).strip().splitlines()[0] if str(err).strip() else err)
+            log.warning("W&B logging off for this run: %s",
+                        str(err).strip().splitlines()[0] if str(err).strip() else err)
             self.run = None
 
     def log(self, values: dict, step: int | None = None) -> None:

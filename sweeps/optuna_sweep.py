@@ -57,7 +57,8 @@ class SweepSpec:
 
     @classmethod
     def from_args(cls, args) -> "SweepSpec":
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                 if getattr(args, f.name, None) is not None}
         spec = cls(**given)
         spec.validate()
         return spec
@@ -69,7 +70,8 @@ class SweepSpec:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
-            raise ConfigError(f"--grace-period={self.grace_period} must exceed --heartbeat-interval={self.heartbeat_interval}")
+            raise ConfigError(f"--grace-period={self.grace_period} must exceed "
+                              f"--heartbeat-interval={self.heartbeat_interval}")
         if self.max_retry < 0 or self.lock_timeout <= 0:
             raise ConfigError("--max-retry must be >= 0 and --lock-timeout > 0")
 
@@ -221,9 +223,8 @@ def run_sweep(args) -> dict:
     """Create or resume the study, run its trials on `--workers` processes, write the reports."""
     import optuna
 
-    from sweeps.optuna_report import write_reports
-
     from pipeline.data import tokenizer_info
+    from sweeps.optuna_report import write_reports
 
     spec = SweepSpec.from_args(args)
     base_cfg = spec.config()
@@ -239,10 +240,12 @@ def run_sweep(args) -> dict:
         if "base" not in study.user_attrs:
             study.set_user_attr("base", base)
         elif study.user_attrs["base"] != base:
-            log.warning("study %s was started with %s; continuing it with %s", spec.study, study.user_attrs["base"], base)
+            log.warning("study %s was started with %s; continuing it with %s",
+                        spec.study, study.user_attrs["base"], base)
         remaining = spec.trials - finished_trials(study)
     if remaining <= 0:
-        log.info("study %s already has %d finished trials (--trials %d)", spec.study, spec.trials - remaining, spec.trials)
+        log.info("study %s already has %d finished trials (--trials %d)",
+                 spec.study, spec.trials - remaining, spec.trials)
     elif spec.workers == 1 or remaining == 1:
         run_worker(dataclasses.replace(spec, workers=1), 0, remaining)
     else:  # no more workers than trials left: each runs its share, StopAtTarget evens out the rest
@@ -252,13 +255,16 @@ def run_sweep(args) -> dict:
         study = optuna.load_study(study_name=spec.study, storage=storage)
         done = finished_trials(study)
         if done < spec.trials:
-            log.warning("study %s has %d of %d finished trials; rerun the same command to continue", spec.study, done, spec.trials)
+            log.warning("study %s has %d of %d finished trials; rerun the same command to continue",
+                        spec.study, done, spec.trials)
         return write_reports(study, spec)
 
 
 def _worker_main() -> int:
-    """Entry of a worker process started by run_sweep (`python -m sweeps.optuna_sweep N`, spec in $MINBERT_SWEEP_SPEC)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Entry of a worker process started by run_sweep (`python -m sweeps.optuna_sweep N`,
+    spec in $MINBERT_SWEEP_SPEC)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -114,7 +114,8 @@ def load_space(path: str | Path, check: Check) -> Space:
         raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
     unknown = set(raw) - {"sampler", "pruner", "search_space"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; expected sampler, pruner, search_space")
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; "
+                          "expected sampler, pruner, search_space")
     entries = raw.get("search_space") or {}
     if not isinstance(entries, dict) or not entries:
         raise ConfigError(f"{path}: search_space must map parameters to their ranges")

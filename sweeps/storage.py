@@ -39,10 +39,12 @@ def storage_errors(spec):
             raise PipelineError(f"{where}: disk full; free space and rerun the same command to resume") from None
         raise PipelineError(f"{where}: cannot use the study storage: {first}") from None
     except ImportError as err:
-        raise PipelineError(f"{where}: no database driver ({err}); install it, e.g. pip install 'psycopg[binary]'") from None
+        raise PipelineError(f"{where}: no database driver ({err}); "
+                            "install it, e.g. pip install 'psycopg[binary]'") from None
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise PipelineError(f"disk full writing {err.filename or 'sweep output'}; free space and rerun to resume") from None
+            raise PipelineError(f"disk full writing {err.filename or 'sweep output'}; "
+                                "free space and rerun to resume") from None
         raise
 
 
@@ -62,8 +64,10 @@ def make_storage(spec):
     else:
         raise ConfigError(f"--storage {redact(url)}: use sqlite:///FILE, postgresql://USER@HOST/DB or mysql://...")
     # Optuna >= 4.9 renamed the retry callback and its keyword; accept both.
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    keyword = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in RDBStorage.__init__.__code__.co_varnames
+    retry_cls = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+                 or optuna.storages.RetryFailedTrialCallback)
+    keyword = ("heartbeat_stale_trial_callback"
+               if "heartbeat_stale_trial_callback" in RDBStorage.__init__.__code__.co_varnames
                else "failed_trial_callback")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 'experimental' in Optuna's terms since 2.8

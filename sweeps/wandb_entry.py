@@ -98,7 +98,8 @@ def run(args) -> dict:
     runs_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_SILENT", "true")
     wb_run = wandb.init(project=os.environ.get("WANDB_PROJECT") or base_cfg.tracking.wandb_project, config=settings,
-                        dir=str(runs_dir), mode=wandb_mode(), settings=wandb.Settings(console="off", silent=True, init_timeout=120))
+                        dir=str(runs_dir), mode=wandb_mode(),
+                        settings=wandb.Settings(console="off", silent=True, init_timeout=120))
     exit_code = 1
     try:
         settings = dict(wb_run.config)  # under an agent this holds the sweep's choice
@@ -113,7 +114,8 @@ def run(args) -> dict:
             with run_origin("wandb"):
                 train(cfg, run_dir=run_dir)
         finally:
-            update_record(run_dir, origin="wandb", wandb={"run_id": wb_run.id, "sweep_id": sweep_id, "params": settings})
+            update_record(run_dir, origin="wandb",
+                          wandb={"run_id": wb_run.id, "sweep_id": sweep_id, "params": settings})
         metrics = {} if args.no_evaluate else run_evaluate(cfg, run_dir=run_dir)
         wb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, float)})
         exit_code = 0

@@ -38,7 +38,7 @@ def write_micro_data(folder: Path, rows: int = 40, seed: int = 0) -> Path:
         return "\n".join(lines) + "\n"
 
     def pairs(name, label_col, score, labelled=True):
-        header = f"\tid\tsentence1\tsentence2" + (f"\t{label_col}" if labelled else "")
+        header = "\tid\tsentence1\tsentence2" + (f"\t{label_col}" if labelled else "")
         lines = [header]
         for i in range(rows):
             row = f"{i}\t{name}{i:05d}\t{_sentence(rng)}\t{_sentence(rng)}"
@@ -92,6 +92,9 @@ def micro_overrides(tmp: Path, backbone: Path, data_dir: Path, prepared: Path | 
         f"model.backbone={backbone}", "model.relu_widths=[16, 8]", f"tracking.runs_dir={tmp / 'runs'}",
         "train.batch_size=4", "train.epochs=2", "train.epoch_fraction=0.5", "train.lr=1e-3", "train.eval_limit=0",
         "train.device=cpu", "train.threads=1", f"mlm.output_dir={tmp / 'mlm'}", "mlm.epochs=1", "mlm.batch_size=4",
+        # the cpu profile's partial fine-tuning and sizes undone: tests opt in to the prefix cache
+        "model.freeze_layers=0", "train.min_epoch_steps=0", "train.head_lr=0", "eval.dev_limit=0",
+        f"data.prefix_dir={tmp / 'prefix'}",
     ]
 
 
@@ -99,7 +102,7 @@ def micro_overrides(tmp: Path, backbone: Path, data_dir: Path, prepared: Path | 
 def prepared(tmp_path_factory, tiny_backbone, micro_data) -> Path:
     """Micro data prepared once with the tiny backbone's tokenizer."""
     from pipeline.config import load_config
-    from pipeline.stages import run_prepare
+    from pipeline.prepare import run_prepare
 
     tmp = tmp_path_factory.mktemp("prepared-root")
     cfg = load_config(PARAMS, overrides=micro_overrides(tmp, tiny_backbone, micro_data), profile="cpu")

@@ -9,10 +9,9 @@ import logging
 import pytest
 import yaml
 
+from conftest import PARAMS, micro_overrides, write_micro_data
 from pipeline import cli
 from pipeline.data import MAX_LINE_CHARS, MAX_SENTENCE_CHARS
-
-from conftest import PARAMS, micro_overrides, write_micro_data
 
 ROWS = 12  # rows per micro file; line 1 is the header
 
@@ -61,8 +60,10 @@ FILE_CASES = {
     "wrong delimiter": ("ids-cfimdb-dev.csv", _semicolons, ":1: header is not tab-separated"),
     "no valid row": ("quora-dev.csv", lambda p: p.write_text(p.read_text().replace("\t", ",").replace(",", "\t", 4)),
                      f": none of its {ROWS} rows is valid (line 2: expected 5 tab-separated fields, found 1)"),
-    "missing column": ("sts-dev.csv", _drop_last_column, ":1: header ['', 'id', 'sentence1', 'sentence2'] lacks column(s) similarity"),
-    "header only": ("quora-train.csv", lambda p: p.write_text(p.read_text().splitlines()[0] + "\n"), ": header only, no data rows"),
+    "missing column": ("sts-dev.csv", _drop_last_column,
+                       ":1: header ['', 'id', 'sentence1', 'sentence2'] lacks column(s) similarity"),
+    "header only": ("quora-train.csv", lambda p: p.write_text(p.read_text().splitlines()[0] + "\n"),
+                    ": header only, no data rows"),
 }
 
 
@@ -101,7 +102,8 @@ BAD_ROWS = [
     ("sts-dev.csv", ROWS + 2, "90\tn1\tone\ttwo\tnan", "similarity is nan"),
     ("sts-dev.csv", ROWS + 3, "91\tn2\tone\ttwo\t5.5", "similarity 5.5 outside [0, 5]"),
     ("ids-cfimdb-train.csv", 4, f"90\tl1\t{LONG_LINE}\t1", f"line longer than {MAX_LINE_CHARS} characters"),
-    ("ids-cfimdb-train.csv", ROWS + 3, f"91\tl2\t{LONG_SENTENCE}\t1", f"sentence longer than {MAX_SENTENCE_CHARS} characters"),
+    ("ids-cfimdb-train.csv", ROWS + 3, f"91\tl2\t{LONG_SENTENCE}\t1",
+     f"sentence longer than {MAX_SENTENCE_CHARS} characters"),
 ]
 
 

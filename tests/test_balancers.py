@@ -11,8 +11,17 @@ import torch
 from torch import nn
 
 from conftest import PARAMS, micro_overrides
-from pipeline.balancers import (REGISTRY, GradNormBalancer, JacobianBalancer, PCGradBalancer, SumBalancer,
-                                conflict_share, gramian, make_balancer, pcgrad)
+from pipeline.balancers import (
+    REGISTRY,
+    GradNormBalancer,
+    JacobianBalancer,
+    PCGradBalancer,
+    SumBalancer,
+    conflict_share,
+    gramian,
+    make_balancer,
+    pcgrad,
+)
 from pipeline.config import load_config
 from pipeline.data import collate, load_split, tokenizer_info
 from pipeline.errors import ConfigError

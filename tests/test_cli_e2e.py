@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_help_lists_stages():
@@ -24,7 +25,8 @@ def test_help_lists_stages():
 
 def test_prepare_train_evaluate(tmp_path, tiny_backbone):
     data = write_micro_data(tmp_path / "data", rows=24)
-    sets = [a for o in micro_overrides(tmp_path, tiny_backbone, data) + ["eval.test_predictions=true"] for a in ("-S", o)]
+    overrides = micro_overrides(tmp_path, tiny_backbone, data) + ["eval.test_predictions=true"]
+    sets = [a for o in overrides for a in ("-S", o)]
     assert _cli("prepare", *sets).returncode == 0
     res = _cli("train", "-e", "baseline", *sets)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -1,9 +1,8 @@
 import pytest
 
-from pipeline.config import EXTENSIONS, load_config
-from pipeline.errors import ConfigError
-
 from conftest import PARAMS
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 
 
 def test_precedence_defaults_profile_experiment_override():
@@ -26,7 +25,10 @@ def test_extensions_map_to_config(tmp_path):
     cfg = load_config(params, experiment="all")
     assert cfg.model.heads == "relu" and cfg.model.sts_head == "cos"
     assert cfg.train.schedule == "loop" and cfg.train.balancer == "gradnorm"
-    assert cfg.model.init_from == EXTENSIONS["mlm"]["model.init_from"]
+    assert cfg.model.init_from == cfg.mlm.output_dir == "models/mlm"
+    # The mlm extension follows mlm.output_dir, wherever it points.
+    moved = load_config(params, experiment="all", overrides=["mlm.output_dir=elsewhere/mlm"])
+    assert moved.model.init_from == "elsewhere/mlm"
 
 
 @pytest.mark.parametrize("override, needle", [

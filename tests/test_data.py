@@ -7,10 +7,9 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import ROOT, write_micro_data
 from pipeline.data import SPECS, collate, epoch_sample, epoch_size, length_batches, load_split, read_task_file
 from pipeline.errors import DataError
-
-from conftest import ROOT, write_micro_data
 
 SST = SPECS[("sst", "train")]
 QUORA = SPECS[("para", "train")]

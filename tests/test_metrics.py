@@ -30,8 +30,9 @@ def test_avg_is_plain_mean_and_leaderboard_separate():
 def test_leaderboard_file_format(tmp_path):
     path = tmp_path / "sst-dev-output.csv"
     write_leaderboard_file(path, "sst", ["a1", "b2"], np.array([3.0, 0.0]))
-    lines = path.read_text().splitlines()
-    assert lines[0].split() == ["id", "Predicted_Sentiment"]
-    assert lines[1].split(" , ") == ["a1", "3 "] or lines[1].strip() == "a1 , 3"
-    write_leaderboard_file(tmp_path / "sts.csv", "sts", ["x"], np.array([2.25]))
-    assert (tmp_path / "sts.csv").read_text().splitlines()[1].strip() == "x , 2.2500"
+    # the CS224N leaderboard's exact bytes: `id \t <Header> \n`, then `<id> , <prediction> \n`
+    assert path.read_bytes() == b"id \t Predicted_Sentiment \na1 , 3 \nb2 , 0 \n"
+    write_leaderboard_file(tmp_path / "para.csv", "para", ["p"], np.array([1.0]))
+    assert (tmp_path / "para.csv").read_bytes() == b"id \t Predicted_Is_Paraphrase \np , 1 \n"
+    write_leaderboard_file(tmp_path / "sts.csv", "sts", ["x", "y"], np.array([2.25, 0.123456]))
+    assert (tmp_path / "sts.csv").read_bytes() == b"id \t Predicted_Similiary \nx , 2.2500 \ny , 0.1235 \n"

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def _server_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[4]) if Path(p).parts[4].isdigit() else 0)
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(Path(p).parts[4]) if Path(p).parts[4].isdigit() else 0)
     if found:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
@@ -58,7 +59,8 @@ def postgres_url():
         why = _install()
         bindir = _server_bin()
         if bindir is None:
-            pytest.skip(f"PostgreSQL server binaries not found and not installable ({why or 'no initdb after install'})")
+            pytest.skip("PostgreSQL server binaries not found and not installable "
+                        f"({why or 'no initdb after install'})")
     as_user: list[str] = []
     folder = Path(tempfile.mkdtemp(prefix="minbert-pg-"))  # not under pytest's 0700 tmp: the server user must enter it
     if os.geteuid() == 0:  # initdb and postgres refuse to run as root

@@ -59,5 +59,6 @@ def test_bad_spec_and_names_fail_in_one_line(tmp_path, tiny_backbone, micro_data
     assert quality.main(args) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 3 and all("\n" not in e for e in errors)
-    assert "unknown extension 'warp'" in errors[0] and "nosuch" in errors[1] and "missing top-level key 'bar'" in errors[2]
+    assert "unknown extension 'warp'" in errors[0] and "nosuch" in errors[1]
+    assert "missing top-level key 'bar'" in errors[2]
     assert not out.exists()  # nothing half-written

@@ -19,10 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import ROOT, micro_overrides
 from pipeline import cli
 from pipeline.train import find_checkpoint, train
-
-from conftest import ROOT, micro_overrides
 
 EPOCHS, CHECKPOINT_EVERY = 2, 2  # micro data: 5 steps an epoch, so checkpoints mid-epoch and at its end
 
@@ -42,16 +41,17 @@ def _argv(overrides: list[str], run_dir: Path) -> list[str]:
 _REFERENCES: dict[str, Path] = {}
 
 
-def _reference(base, balancer: str) -> Path:
-    """An uninterrupted in-process run with the same config (computed once per balancer)."""
-    if balancer not in _REFERENCES:
+def _reference(base, balancer: str, extra: tuple[str, ...] = ()) -> Path:
+    """An uninterrupted in-process run with the same config (computed once per balancer and extra overrides)."""
+    key = "-".join([balancer, *[e.replace("=", "_") for e in extra]])
+    if key not in _REFERENCES:
         from pipeline.config import load_config
 
         root, overrides = base
-        cfg = load_config(ROOT / "params.yaml", overrides=overrides + [f"train.balancer={balancer}"])
-        train(cfg, run_dir=root / f"ref-{balancer}")
-        _REFERENCES[balancer] = root / f"ref-{balancer}"
-    return _REFERENCES[balancer]
+        cfg = load_config(ROOT / "params.yaml", overrides=overrides + [f"train.balancer={balancer}", *extra])
+        train(cfg, run_dir=root / f"ref-{key}")
+        _REFERENCES[key] = root / f"ref-{key}"
+    return _REFERENCES[key]
 
 
 def _tensors_equal(a: Path, b: Path) -> None:
@@ -64,7 +64,8 @@ def assert_same_run(run: Path, ref: Path) -> None:
     """Bit-identical outcome: history (bar wall time), step log, record metrics, best and final weights,
     optimizer and balancer state."""
     strip = lambda h: [{k: v for k, v in e.items() if k != "train_time_s"} for e in h]
-    assert strip(json.loads((run / "history.json").read_text())) == strip(json.loads((ref / "history.json").read_text()))
+    history, ref_history = (json.loads((d / "history.json").read_text()) for d in (run, ref))
+    assert strip(history) == strip(ref_history)
     assert (run / "steps.jsonl").read_text() == (ref / "steps.jsonl").read_text()
     rec, ref_rec = (json.loads((d / "record.json").read_text()) for d in (run, ref))
     assert rec["status"] == "completed" and rec["metrics"] == ref_rec["metrics"]
@@ -114,12 +115,14 @@ if os.environ.get("STALL_AT_STEP"):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_same_command_resumes_bit_identical(base, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("model.freeze_layers=1", "train.precision=bf16")],
+                         ids=["full-fp32", "prefix-cache-bf16"])
+def test_sigkill_mid_epoch_then_same_command_resumes_bit_identical(base, tmp_path, extra):
     """GradNorm run killed in epoch 2, after a mid-epoch checkpoint and during a later step, then
-    started again with the same command."""
+    started again with the same command (also with the frozen-prefix cache and bf16 autocast)."""
     root, overrides = base
-    overrides = overrides + ["train.balancer=gradnorm"]
-    ref = _reference(base, "gradnorm")
+    overrides = overrides + ["train.balancer=gradnorm", *extra]
+    ref = _reference(base, "gradnorm", extra)
     per_epoch = json.loads((ref / "history.json").read_text())[0]["steps"]
     stall = per_epoch + 3  # one of the two steps before it is a checkpoint step
     run, flag = tmp_path / "run", tmp_path / "stalled"
@@ -320,10 +323,12 @@ def test_kills_at_chosen_points_resume_identically(base, tmp_path):
     run = tmp_path / "run"
 
     def in_rename_of_history():
-        _die_when(lambda when, name, args: when == "before" and Path(args[1]).name == "history.json")(pipeline.io.os, "replace")
+        _die_when(lambda when, name, args: when == "before" and Path(args[1]).name == "history.json")(
+            pipeline.io.os, "replace")
 
     def after_last_checkpoint():
-        _die_when(lambda when, name, args: when == "after" and args[4].epoch == EPOCHS)(pipeline.train, "save_checkpoint")
+        _die_when(lambda when, name, args: when == "after" and args[3].epoch == EPOCHS)(
+            pipeline.train, "save_checkpoint")
 
     assert _wait(_fork_cli(_argv(overrides, run), in_rename_of_history)) == -signal.SIGKILL
     assert list(run.glob(".history.json.*.tmp")) and not (run / "history.json").exists()
@@ -370,8 +375,8 @@ def test_nonfinite_keeps_last_good_checkpoint_and_cli_fails(base, tmp_path, monk
     run, saved = tmp_path / "run", []
     real_save = pipeline.train.save_checkpoint
 
-    def recording_save(run_dir, model, optimizer, balancer, state, steps, *rest):
-        real_save(run_dir, model, optimizer, balancer, state, steps, *rest)
+    def recording_save(run_dir, model, optimizer, state, steps, *rest):
+        real_save(run_dir, model, optimizer, state, steps, *rest)
         saved.append((state.global_step, {k: v.clone() for k, v in model.state_dict().items()}))
 
     monkeypatch.setattr(pipeline.train, "save_checkpoint", recording_save)
@@ -434,7 +439,7 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
             kw = {k.arg: k.value for k in node.keywords}
-            const = lambda key: isinstance(kw.get(key), ast.Constant) and kw[key].value
+            const = lambda key, kw=kw: isinstance(kw.get(key), ast.Constant) and kw[key].value
             attr = node.func.attr
             if owner == "torch" and attr == "load" and const("weights_only") is not True:
                 found.append(f"{where}: torch.load without weights_only=True")
@@ -468,8 +473,10 @@ def test_scanner_catches_unsafe_code():
            "torch.save(model.state_dict(), p)\nm.save_pretrained(d, safe_serialization=False)\n"
            "from torch import load\nimport pandas as pd\npd.read_pickle(p)\n")
     flagged = {int(f.split(":")[1]) for f in unsafe_calls(bad)}
-    assert flagged == {i for i, line in enumerate(bad.splitlines(), 1) if not line.startswith("import ") or "pickle" in line}
-    assert unsafe_calls("torch.save({'opt': opt.state_dict(), 'w': self.bert.state_dict()}, p)\ntorch.save(model, p)\n")[1:]
+    assert flagged == {i for i, line in enumerate(bad.splitlines(), 1)
+                       if not line.startswith("import ") or "pickle" in line}
+    assert unsafe_calls("torch.save({'opt': opt.state_dict(), 'w': self.bert.state_dict()}, p)\n"
+                        "torch.save(model, p)\n")[1:]
     good = ("import torch\nx = torch.load(p, weights_only=True, map_location='cpu')\n"
             "torch.save({'optimizer': optimizer.state_dict(), 'model_step': 3}, p)\n")
     assert unsafe_calls(good) == []
@@ -498,12 +505,13 @@ def test_lr_schedule_resumes_identically_and_fixes_the_epoch_count(base, tmp_pat
     lrs = [json.loads(line)["lr"] for line in (ref / "steps.jsonl").read_text().splitlines()]
     peak = lrs.index(max(lrs))
     assert 0 < peak < len(lrs) - 1 and lrs[0] < lrs[peak] and lrs[-1] < lrs[peak]  # warms up, then decays
-    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1])) and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
     run = tmp_path / "run"
 
     def after_mid_epoch_checkpoint():
-        _die_when(lambda when, name, args: when == "after" and args[4].epoch == 1 and args[4].step_in_epoch > 0)(
+        _die_when(lambda when, name, args: when == "after" and args[3].epoch == 1 and args[3].step_in_epoch > 0)(
             pipeline.train, "save_checkpoint")
 
     assert _wait(_fork_cli(_argv(overrides, run), after_mid_epoch_checkpoint)) == -signal.SIGKILL

@@ -95,7 +95,8 @@ def test_default_space_covers_every_switch_and_balancer(make_cfg):
     ("search_space: {train.nope: [1, 2]}", "train.nope"),
     ("search_space: {train.balancer: [sum, nosuch]}", "train.balancer"),
     ("search_space: {train.lr: {low: 0.0, high: 1.0e-3, log: true}}", "train.lr"),
-    ("search_space: {train.gn_alpha: {low: 0.0, high: 3.0, when: {train.balancer: gradnorm}}, train.balancer: [sum]}", "when"),
+    ("search_space: {train.gn_alpha: {low: 0.0, high: 3.0, when: {train.balancer: gradnorm}}, "
+     "train.balancer: [sum]}", "when"),
     ("search_space: {extensions: [relu, gn], train.lr: [1.0e-3]}", "gn"),
     ("sampler: {seed: -1}\nsearch_space: {train.lr: [1.0e-3]}", "sampler"),
 ])
@@ -171,9 +172,10 @@ def test_full_disk_is_one_line_error():
     from sweeps.storage import storage_errors
 
     spec = SweepSpec(storage="postgresql://me:secret@db.example/optuna")
-    full_db = sqlalchemy.exc.OperationalError("INSERT ...", {}, Exception("could not extend file: disk is full\nDETAIL: ..."))
-    for raised, expected in ((OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoint"), "/runs/x/checkpoint"),
-                             (full_db, "postgresql://me:***@db.example/optuna")):
+    full_db = sqlalchemy.exc.OperationalError("INSERT ...", {},
+                                              Exception("could not extend file: disk is full\nDETAIL: ..."))
+    full_disk = OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoint")
+    for raised, expected in ((full_disk, "/runs/x/checkpoint"), (full_db, "postgresql://me:***@db.example/optuna")):
         with pytest.raises(PipelineError) as err:
             with storage_errors(spec):
                 raise raised
@@ -205,7 +207,8 @@ def test_two_workers_run_four_trials_then_the_study_resumes(tmp_path, micro, spa
     assert sorted(records) == [t.number for t in trials]
     for t in trials:
         rec = records[t.number]
-        assert rec["origin"] == "optuna" and rec["status"] == {"COMPLETE": "completed", "PRUNED": "pruned"}[t.state.name]
+        assert rec["origin"] == "optuna"
+        assert rec["status"] == {"COMPLETE": "completed", "PRUNED": "pruned"}[t.state.name]
         assert rec["sweep"]["params"] == t.params
         assert t.intermediate_values == {h["epoch"]: h["avg"] for h in rec["history"]}  # every epoch reported
         if t.state.name == "COMPLETE":
@@ -219,7 +222,7 @@ def test_two_workers_run_four_trials_then_the_study_resumes(tmp_path, micro, spa
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
     # The written `dvc exp run -S ...` line, applied by DVC's own parser, yields the best trial's config.
-    line = next(l for l in (out / "dvc_exp_run.txt").read_text().splitlines() if l.startswith("dvc exp run"))
+    line = next(x for x in (out / "dvc_exp_run.txt").read_text().splitlines() if x.startswith("dvc exp run"))
     words = shlex.split(line)
     set_args = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
     params = tmp_path / "params.yaml"
@@ -229,7 +232,8 @@ def test_two_workers_run_four_trials_then_the_study_resumes(tmp_path, micro, spa
     for key, value in best.user_attrs["overrides"].items():
         section, name = key.split(".")
         assert getattr(getattr(cfg, section), name) == pytest.approx(value), key
-    assert load_config(params, experiment="baseline", profile="cpu") == load_config(PARAMS, experiment="baseline", profile="cpu")
+    assert (load_config(params, experiment="baseline", profile="cpu")
+            == load_config(PARAMS, experiment="baseline", profile="cpu"))
     groups = yaml.safe_load(params.read_text()).get("train_groups")
     if groups is not None:  # dvc.yaml trains what these lists name
         assert sum(summary["experiment"] in (names or []) for names in groups.values()) == 1
@@ -275,7 +279,8 @@ def test_killed_worker_trial_is_failed_and_retried_from_its_checkpoint(tmp_path,
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == trials[0].params
 
     runs = tmp_path / "runs" / "sweeps" / "hb"
-    dead, again = pio.read_json(runs / "trial-0" / "record.json"), pio.read_json(runs / f"trial-{retried[0].number}" / "record.json")
+    dead = pio.read_json(runs / "trial-0" / "record.json")
+    again = pio.read_json(runs / f"trial-{retried[0].number}" / "record.json")
     assert dead["status"] == "failed" and "WorkerLost" in dead["error"]
     assert again["status"] == "completed" and again["sweep"]["retry_of"] == 0
     assert again["history"][0] == dead["history"][0]  # epoch 1 resumed from the checkpoint, not retrained
