@@ -69,4 +69,4 @@ quality: install
 	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
 
 clean:
-	rm -rf $(VENV) data/prepared runs models
+	rm -rf $(VENV) data/prepared data/prefix runs models
