@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -417,7 +418,14 @@ def load_config(
     """Compose the typed config; every problem is a one-line ConfigError naming the parameter."""
     params = read_params(params_path) if params_path else {}
     problems = check_study(params) if params.get("experiments") and params.get("train_groups") else []
-    if problems:  # before anything trains, not at report time
+    # Before anything trains, not at report time. What only DVC needs (an experiment in a
+    # train_groups list, with `extensions` and `set` keys) is a warning: the CLI trains it anyway;
+    # an unknown extension fails when that experiment is loaded (experiment_overrides).
+    dvc_only = ("in no train_groups list", ".extensions is missing", ".set is missing", ".extensions: unknown")
+    for problem in [p for p in problems if any(k in p for k in dvc_only)]:
+        logging.getLogger(__name__).warning("%s: %s", params_path, problem)
+    problems = [p for p in problems if not any(k in p for k in dvc_only)]
+    if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ConfigError(f"{params_path}: {problems[0]}{more}")
     flat: dict[str, Any] = {}
