@@ -197,7 +197,7 @@ class EvalConfig:
                            "(0: all; the cpu profile scores a fixed prefix)", 0)
     batch_size: int = _help("sentences per evaluation batch", 64)
     test_predictions: bool = _help("also write CS224N test-set prediction files "
-                                   "(the report makes Table 3's if skipped)", True)
+                                   "(Table 3 copies the best row's; without them it says they are missing)", True)
 
     def __post_init__(self):
         if self.dev_limit < 0 or self.batch_size <= 0:
