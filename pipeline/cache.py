@@ -145,12 +145,7 @@ def build(cfg, model, meta: dict | None = None, batch_size: int | None = None) -
         size = sum(p.stat().st_size for p in tmp.iterdir())
         meta.update(cross=cross, files=files, bytes=size, seconds=round(time.time() - started, 1))
         pio.write_json(tmp / MANIFEST, meta)  # last: a folder without a manifest is never read
-        old = out.with_name(f".{out.name}.old{pio.TMP_SUFFIX}")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        pio.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         model.train(was_training)

@@ -204,17 +204,10 @@ def evaluate_mlm(model: MaskedLM, data, info: dict, mask_prob: float, seed: int,
 # ---------------------------------------------------------------- output
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def save_backbone(out_dir: Path, backbone: nn.Module, backbone_name: str, metrics: dict) -> None:
     """Write the backbone, tokenizer and metrics into a temp folder beside out_dir, then swap it in.
 
-    A kill between the two renames leaves `.<name>.old` and no out_dir; the checkpoint is only
+    A kill between the two renames leaves `.<name>.old.tmp` and no out_dir; the checkpoint is only
     deleted after this returns, so the same command then saves again.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -223,17 +216,11 @@ def save_backbone(out_dir: Path, backbone: nn.Module, backbone_name: str, metric
     # mkdir, not mkdtemp: the folder keeps the umask's permissions once renamed into place
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
-    old = out_dir.with_name(f".{out_dir.name}.old")
     try:
         backbone.save_pretrained(tmp)
         load_tokenizer(backbone_name).save_pretrained(tmp)
         pio.write_json(tmp / METRICS, metrics)
-        _fsync_tree(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        pio.replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -56,16 +56,11 @@ def cpu_has_native_bf16() -> bool:
 
     Without them (AVX2 machines) oneDNN emulates bf16 and a step gets slower, not faster.
     """
-    probes = [getattr(torch._C, "_cpu", None)]
-    for probe in probes:
-        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-            fn = getattr(probe, name, None)
-            if fn is not None:
-                try:
-                    if fn():
-                        return True
-                except RuntimeError:
-                    pass
+    probe = getattr(torch._C, "_cpu", None)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(probe, name, None)
+        if fn is not None and fn():
+            return True
     try:  # older torch: read the kernel's flags
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
