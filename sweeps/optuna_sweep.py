@@ -4,8 +4,11 @@ One storage holds the study: a local SQLite file by default, or a shared
 postgresql://... database for workers on many machines. Every trial is one
 call of pipeline.train.train() on the base config plus the sampled overrides,
 so it leaves the usual run folder and record under runs/sweeps/<study>/trial-<n>/.
-Heartbeats mark a trial whose worker died as FAIL and queue it again; the retry
-resumes from the dead trial's last checkpoint.
+Each epoch's dev score on the selection sample (train.eval_limit rows per task)
+goes to the pruner; a trial that finishes is scored on the full dev sets by the
+evaluate step (pipeline.stages.run_evaluate), and that score, with its bootstrap
+interval, is the objective. Heartbeats mark a trial whose worker died as FAIL
+and queue it again; the retry resumes from the dead trial's last checkpoint.
 """
 from __future__ import annotations
 
@@ -20,13 +23,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import load_config, parse_override
 from pipeline.errors import ConfigError, NonFiniteLossError, PipelineError
-from sweeps.space import DEFAULT_SPACE, Space, config_check, load_space, mlm_folder, suggest
+from sweeps.pruners import build_pruner, describe
+from sweeps.space import DEFAULT_SPACE, Space, load_space, mlm_folder, suggest
 from sweeps.storage import make_storage, redact, storage_errors
 
 log = logging.getLogger("sweeps.optuna")
@@ -54,6 +60,7 @@ class SweepSpec:
     grace_period: int | None = None
     max_retry: int = 3
     lock_timeout: float = 60.0
+    pruner: str | None = None  # another pruner type than the space file's (its Optuna defaults)
 
     @classmethod
     def from_args(cls, args) -> "SweepSpec":
@@ -90,6 +97,16 @@ class SweepSpec:
         return load_config(self.params, experiment=self.base_experiment,
                            overrides={**self.base_overrides(), **(extra or {})}, profile=self.profile)
 
+    def load_space(self) -> Space:
+        """The search space, every value checked against this sweep's config; --pruner applied."""
+        return load_space(self.space, self.config).with_pruner(self.pruner)
+
+    def base(self, space: Space) -> dict:
+        """What the study was started with (kept in the storage, so --report-only needs nothing else)."""
+        return {"params": self.params, "profile": self.profile, "base_experiment": self.base_experiment,
+                "overrides": list(self.overrides), "space": self.space, "pruner": space.pruner,
+                "objective": space.objective}
+
 
 def make_sampler(space: Space, spec: SweepSpec, worker: int, n_existing: int):
     """TPE seeded from (seed, worker, trials so far): workers differ, a resumed study does not replay its start."""
@@ -98,14 +115,15 @@ def make_sampler(space: Space, spec: SweepSpec, worker: int, n_existing: int):
 
     base = spec.sampler_seed if spec.sampler_seed is not None else space.sampler.get("seed", 0)
     seed = int(np.random.SeedSequence([base, worker, n_existing]).generate_state(1)[0])
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.sampler.get("n_startup_trials", 10))
+    options = {k: v for k, v in space.sampler.items() if k != "seed"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # `group` is 'experimental' in Optuna's terms
+        return optuna.samplers.TPESampler(seed=seed, **options)
 
 
 def make_pruner(space: Space):
-    import optuna
-
-    return optuna.pruners.MedianPruner(n_startup_trials=space.pruner.get("n_startup_trials", 5),
-                                       n_warmup_steps=space.pruner.get("n_warmup_steps", 1))
+    """The space file's pruner (sweeps/pruners.py), steps being epochs."""
+    return build_pruner(space.pruner, space.max_epochs)
 
 
 def finished_trials(study) -> int:
@@ -130,7 +148,9 @@ class StopAtTarget:
 
 
 class Objective:
-    """One trial = one train() call; its value is the best dev `avg` over the epochs."""
+    """One trial = one train() call, pruned on the per-epoch selection score, then scored on the full
+    dev sets: its value is the full-dev `avg` of the best epoch's weights, its user attrs the bootstrap
+    interval of that value and the task scores."""
 
     def __init__(self, spec: SweepSpec, space: Space, base_cfg, extra: dict):
         self.spec, self.space, self.extra = spec, space, extra
@@ -158,16 +178,39 @@ class Objective:
         def report(epoch: int, scores: dict) -> None:
             trial.report(float(scores["avg"]), epoch + 1)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"dev avg {scores['avg']:.4f} after epoch {epoch + 1} is below the median")
+                raise optuna.TrialPruned(f"selection avg {scores['avg']:.4f} after epoch {epoch + 1} is below "
+                                         f"the pruner's rule ({self.space.pruner['type']})")
 
+        started, scored = time.time(), {}
         try:
             with run_origin("optuna"):
                 best = train(cfg, run_dir=run_dir, on_epoch_end=report)
+            scored = score_trial(cfg, run_dir, self.space.objective)
+            for key, value in {**scored, "selection_avg": float(best["avg"]),
+                               "best_epoch": best.get("best_epoch")}.items():
+                trial.set_user_attr(key, value)
         finally:
+            trial.set_user_attr("wall_s", round(time.time() - started, 2))
             update_record(run_dir, origin="optuna", sweep={
                 "study": self.spec.study, "trial": trial.number, "params": dict(trial.params), "overrides": chosen,
-                "storage": redact(self.spec.storage_url), "worker": self.worker_id, "retry_of": retry_of})
-        return float(best["avg"])
+                "storage": redact(self.spec.storage_url), "worker": self.worker_id, "retry_of": retry_of,
+                "objective": scored})
+        return scored["avg"]
+
+
+def score_trial(cfg, run_dir: Path, objective: dict) -> dict:
+    """The objective of a finished trial: the evaluate step on the dev sets (objective.dev_limit rows per
+    task, 0: all; no test predictions), and the bootstrap interval of its avg."""
+    from pipeline.stages import run_evaluate
+    from sweeps.dev_score import avg_interval
+
+    eval_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, dev_limit=objective["dev_limit"], test_predictions=False))
+    metrics = run_evaluate(eval_cfg, run_dir=run_dir)
+    _, lo, hi = avg_interval(run_dir / "dev_predictions.csv", objective)  # the file's rounding: lo, hi only
+    out = {k: float(metrics[k]) for k in ("avg", "sst_acc", "para_acc", "sts_corr") if k in metrics}
+    out.update(avg_lo=lo, avg_hi=hi, ci=objective["ci"], n_dev=metrics.get("n_dev"))
+    return out
 
 
 def _copy_run(source: str | None, target: Path) -> None:
@@ -185,7 +228,7 @@ def run_worker(spec: SweepSpec, worker: int, budget: int) -> None:
     base_cfg = spec.config()
     if spec.workers > 1 and base_cfg.train.threads == 0:  # N workers share the cores instead of each taking all
         extra["train.threads"] = max(1, (os.cpu_count() or 1) // spec.workers)
-    space = load_space(spec.space, config_check(base_cfg))
+    space = spec.load_space()
     storage = make_storage(spec)
     with storage_errors(spec):
         study = optuna.load_study(study_name=spec.study, storage=storage, pruner=make_pruner(space))
@@ -229,14 +272,19 @@ def run_sweep(args) -> dict:
     spec = SweepSpec.from_args(args)
     base_cfg = spec.config()
     tokenizer_info(base_cfg.data.prepared_dir)  # a bad config or unprepared data fails here, not in each trial
-    space = load_space(spec.space, config_check(base_cfg))
+    if not base_cfg.multitask:
+        raise ConfigError(f"train.tasks={base_cfg.train.tasks}: the sweep's objective is the multitask dev avg; "
+                          "train sst, para and sts together")
+    space = spec.load_space()
+    log.info("study %s: pruner %s; objective: dev avg on %s, %g%% bootstrap interval", spec.study,
+             describe(space.pruner), "the full dev sets" if not space.objective["dev_limit"]
+             else f"{space.objective['dev_limit']} dev rows per task", 100 * space.objective["ci"])
     storage = make_storage(spec)
     with storage_errors(spec):
         # Created once here, before any worker starts: concurrent creation of a new SQLite file fails.
         study = optuna.create_study(study_name=spec.study, storage=storage, direction="maximize",
                                     pruner=make_pruner(space), load_if_exists=True)
-        base = {"params": spec.params, "profile": spec.profile, "base_experiment": spec.base_experiment,
-                "overrides": list(spec.overrides), "space": spec.space}
+        base = spec.base(space)
         if "base" not in study.user_attrs:
             study.set_user_attr("base", base)
         elif study.user_attrs["base"] != base:
@@ -258,6 +306,37 @@ def run_sweep(args) -> dict:
             log.warning("study %s has %d of %d finished trials; rerun the same command to continue",
                         spec.study, done, spec.trials)
         return write_reports(study, spec)
+
+
+def export_wandb(args) -> str:
+    """`--export-wandb FILE`: the W&B sweep file of the search space (sweeps/wandb_export.py)."""
+    from sweeps.wandb_export import export_wandb as write
+
+    path = write(SweepSpec.from_args(args).load_space(), args.export_wandb, args.method)
+    log.info("wrote %s (W&B %s sweep of %s)", path, args.method, args.space or DEFAULT_SPACE)
+    return path
+
+
+def report_only(args) -> dict:
+    """Write reports/sweeps/<study>/ again from the storage alone (no trial runs): the study's stored
+    base (params, profile, overrides, space, pruner, objective) wins over the command line's."""
+    import optuna
+
+    from sweeps.optuna_report import write_reports
+
+    spec = SweepSpec.from_args(args)
+    if not spec.storage and not (STUDIES_DIR / f"{spec.study}.db").exists():
+        raise ConfigError(f"{STUDIES_DIR / (spec.study + '.db')}: no study storage; name it with --storage URL")
+    storage = make_storage(spec)
+    with storage_errors(spec):
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if spec.study not in names:
+            raise ConfigError(f"{redact(spec.storage_url)}: no study '{spec.study}' "
+                              f"(it holds {', '.join(names) or 'none'})")
+        study = optuna.load_study(study_name=spec.study, storage=storage)
+        base = study.user_attrs.get("base") or {}
+        stored = {k: base[k] for k in ("params", "profile", "base_experiment", "overrides", "space") if k in base}
+        return write_reports(study, dataclasses.replace(spec, **stored))
 
 
 def _worker_main() -> int:

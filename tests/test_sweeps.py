@@ -1,6 +1,7 @@
 """Optuna sweeps on the micro config: the search space, a 4-trial study on 2 workers that resumes,
 a killed worker's trial failed and retried, best params that `dvc exp run -S` applies, and a
-locked storage failing in one line."""
+locked storage failing in one line. (The space file's every key: tests/test_sweep_space.py; pruners:
+test_sweep_pruners.py; the study report and expected max: test_sweep_report.py.)"""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,8 @@ from conftest import PARAMS, ROOT, micro_overrides
 # lr kept where the micro model does not diverge.
 FAST_SPACE = """
 sampler: {seed: 7, n_startup_trials: 2}
-pruner: {n_startup_trials: 1, n_warmup_steps: 0}
+pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 0}
+objective: {n_boot: 200}
 search_space:
   extensions: [relu, cos, loop, mlm]
   train.balancer: [sum, gradnorm, pcgrad, upgrad]
@@ -65,24 +67,34 @@ def cli_flags(args: argparse.Namespace) -> list[str]:
 # ------------------------------------------------------------------ search space (fast)
 
 
+def compose_cpu(extra: dict):
+    """The cpu profile's config with overrides: what a sweep's space is checked against."""
+    from pipeline.config import load_config
+
+    return load_config(PARAMS, profile="cpu", overrides=extra)
+
+
 def test_default_space_covers_every_switch_and_balancer(make_cfg):
     import optuna
 
     from pipeline.balancers import known_balancers
-    from sweeps.space import DEFAULT_SPACE, config_check, load_space, suggest
+    from sweeps.space import DEFAULT_SPACE, load_space, suggest
 
-    space = load_space(DEFAULT_SPACE, config_check(make_cfg()))
+    space = load_space(DEFAULT_SPACE, compose_cpu)
     assert set(space.switches) == {"relu", "cos", "loop", "mlm"}
     by_key = {p.key: p for p in space.params}
     assert by_key["train.balancer"].choices == known_balancers()
-    assert by_key["train.lr"].log and by_key["train.gn_alpha"].when == {"train.balancer": "gradnorm"}
+    assert by_key["train.lr"].log and by_key["train.gn_alpha"].when == {"train.balancer": ["gradnorm"]}
 
     gn = {"ext.relu": True, "ext.cos": False, "ext.loop": True, "ext.mlm": True, "train.balancer": "gradnorm",
-          "train.gn_alpha": 1.5, "train.batch_size": 16, "train.lr": 1e-4, "model.dropout": 0.2}
+          "train.gn_alpha": 1.5, "train.batch_size": 16, "train.lr": 1e-4, "model.dropout": 0.2,
+          "model.pooling": "mean", "model.para_head": "cross", "model.pair_features": "sbert", "train.head_lr": 1e-3,
+          "train.lr_schedule": "linear", "train.warmup_ratio": 0.1, "train.epochs": 4}
     chosen = suggest(optuna.trial.FixedTrial(gn), space, mlm_dir="models/mlm-x")
     assert chosen["model.heads"] == "relu" and chosen["model.sts_head"] == "concat"
     assert chosen["train.schedule"] == "loop" and chosen["model.init_from"] == "models/mlm-x"
-    assert chosen["train.gn_alpha"] == 1.5
+    assert chosen["train.gn_alpha"] == 1.5 and chosen["model.freeze_layers"] == 5  # fixed in the file
+    assert "model.cos_target" not in chosen  # its condition (the Cos head) does not hold
     cfg = make_cfg(*(f"{k}={v}" for k, v in chosen.items()))
     assert (cfg.model.heads, cfg.train.balancer, cfg.train.gn_alpha, cfg.train.lr) == ("relu", "gradnorm", 1.5, 1e-4)
 
@@ -100,24 +112,24 @@ def test_default_space_covers_every_switch_and_balancer(make_cfg):
     ("search_space: {extensions: [relu, gn], train.lr: [1.0e-3]}", "gn"),
     ("sampler: {seed: -1}\nsearch_space: {train.lr: [1.0e-3]}", "sampler"),
 ])
-def test_bad_space_file_is_one_line_error_naming_it(tmp_path, make_cfg, body, named):
+def test_bad_space_file_is_one_line_error_naming_it(tmp_path, body, named):
     from pipeline.errors import ConfigError
-    from sweeps.space import config_check, load_space
+    from sweeps.space import load_space
 
     path = tmp_path / "bad.yaml"
     path.write_text(body + "\n")
     with pytest.raises(ConfigError) as err:
-        load_space(path, config_check(make_cfg()))
+        load_space(path, compose_cpu)
     assert str(path) in str(err.value) and named in str(err.value) and "\n" not in str(err.value)
 
 
-def test_sampler_is_seeded_per_worker_and_per_resume(make_cfg, space_file):
+def test_sampler_is_seeded_per_worker_and_per_resume(space_file):
     import optuna
 
     from sweeps.optuna_sweep import SweepSpec, make_sampler
-    from sweeps.space import config_check, load_space, suggest
+    from sweeps.space import load_space, suggest
 
-    space = load_space(space_file, config_check(make_cfg()))
+    space = load_space(space_file, compose_cpu)
     spec = SweepSpec()
 
     def first_params(worker: int, existing: int) -> dict:
@@ -211,15 +223,18 @@ def test_two_workers_run_four_trials_then_the_study_resumes(tmp_path, micro, spa
         assert rec["status"] == {"COMPLETE": "completed", "PRUNED": "pruned"}[t.state.name]
         assert rec["sweep"]["params"] == t.params
         assert t.intermediate_values == {h["epoch"]: h["avg"] for h in rec["history"]}  # every epoch reported
-        if t.state.name == "COMPLETE":
-            assert t.value == pytest.approx(max(h["avg"] for h in rec["history"]))
+        if t.state.name == "COMPLETE":  # the objective: the evaluate step's full-dev avg, with its interval
+            metrics = yaml.safe_load((Path(rec["run_dir"]) / "metrics.json").read_text())
+            assert t.value == pytest.approx(metrics["avg"]) == pytest.approx(rec["sweep"]["objective"]["avg"])
+            assert t.user_attrs["avg_lo"] < t.user_attrs["avg_hi"]
 
     out = tmp_path / "reports" / "micro"
     best = study.best_trial
     assert summary["best_trial"] == best.number
     assert yaml.safe_load((out / "best_params.yaml").read_text()) == best.user_attrs["overrides"]
-    for name in ("optimization_history", "param_importances", "intermediate_values"):
+    for name in ("history", "intermediate_values", "expected_max"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "dvc exp run" in (out / "SUMMARY.md").read_text()
 
     # The written `dvc exp run -S ...` line, applied by DVC's own parser, yields the best trial's config.
     line = next(x for x in (out / "dvc_exp_run.txt").read_text().splitlines() if x.startswith("dvc exp run"))

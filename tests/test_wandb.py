@@ -208,27 +208,48 @@ def test_sweep_yamls_cover_the_papers_ablations():
 @pytest.mark.parametrize("name", ["wandb_grid.yaml", "wandb_gn_alpha.yaml", "wandb_bayes.yaml"])
 def test_sweep_yaml_runs_are_accepted_by_the_entry_point(name, sweep_engine, tmp_path, tiny_backbone, micro_data,
                                                          prepared):
-    from sweeps.wandb_entry import config_from_settings, parse_extensions
+    from sweeps.wandb_entry import run_config, split_settings
 
     config = yaml.safe_load((ROOT / "sweeps" / name).read_text())
     sweep_engine.SweepConfig(config)  # W&B's schema validation
     assert config["command"][2:4] == ["-m", "sweeps.wandb_entry"] and config["metric"]["name"] == "avg"
+    command = config["command"]  # the files generated from the search space pass it to the entry point
+    space = str(ROOT / command[command.index("--space") + 1]) if "--space" in command else None
     runs = generated_runs(sweep_engine, config)
     if config["method"] == "grid":  # every combination, once
         assert len(runs) == math.prod(len(p.get("values", [None])) for p in config["parameters"].values())
     assert len({tuple(sorted(r.items())) for r in runs}) == len(runs) >= 2
     micro = micro_overrides(tmp_path, tiny_backbone, micro_data, prepared)
     for settings in runs:
-        cfg = config_from_settings(settings, PARAMS, "cpu", micro)
+        cfg, dropped = run_config(settings, PARAMS, "cpu", micro, space=space)
         for key, value in settings.items():
-            if "." in key:
+            if "." in key and not key.startswith("ext.") and key not in dropped:
                 section, field = key.split(".")
                 assert getattr(getattr(cfg, section), field) == pytest.approx(value), key
-        ext = parse_extensions(settings.get("extensions"))
+        ext = split_settings(settings)[2]  # `extensions` and ext.<name> switches alike
         assert (cfg.model.heads == "relu") == ("relu" in ext) and (cfg.model.sts_head == "cos") == ("cos" in ext)
         assert (cfg.train.schedule == "loop") == ("loop" in ext)
-        assert (cfg.model.init_from == cfg.mlm.output_dir) == ("mlm" in ext)
-        assert cfg.train.balancer == ("gradnorm" if "gn" in ext else "pcgrad" if "pcg" in ext else "sum")
+        assert (cfg.model.init_from == cfg.mlm.output_dir) == ("mlm" in ext and "ext.mlm" not in dropped)
+        if "train.balancer" not in settings:
+            assert cfg.train.balancer == ("gradnorm" if "gn" in ext else "pcgrad" if "pcg" in ext else "sum")
+
+
+def test_entry_point_applies_the_spaces_conditions(tmp_path, tiny_backbone, micro_data, prepared):
+    from pipeline import io as pio
+    from sweeps.wandb_entry import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("search_space:\n  extensions: [relu]\n  train.balancer: [sum, gradnorm]\n"
+                     "  train.gn_alpha: {low: 0.0, high: 3.0, when: {train.balancer: gradnorm}}\n")
+    micro = micro_overrides(tmp_path, tiny_backbone, micro_data, prepared)
+    argv = ["ext.relu=true", "train.balancer=sum", "train.gn_alpha=2.5", "--space", str(space),
+            "--params", str(PARAMS), "--profile", "cpu", "--no-evaluate"]
+    assert main(argv + [f for o in micro for f in ("-S", o)]) == 0
+    (run_dir,) = list((tmp_path / "runs" / "wandb" / "no-sweep").iterdir())
+    record = pio.read_json(run_dir / "record.json")
+    assert record["wandb"]["inactive"] == ["train.gn_alpha"]  # sampled by W&B, dropped: the balancer is sum
+    c = record["config"]
+    assert (c["model"]["heads"], c["train"]["balancer"], c["train"]["gn_alpha"]) == ("relu", "sum", 1.0)
 
 
 def test_entry_point_trains_and_evaluates_a_sweep_run(tmp_path, tiny_backbone, micro_data, prepared):
