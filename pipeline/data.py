@@ -6,6 +6,7 @@ The prepare stage writes, per task and split, a safetensors file of token ids
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import logging
 import math
@@ -30,6 +31,10 @@ MAX_SENTENCE_CHARS = 100_000
 MAX_LINE_CHARS = 10 * MAX_SENTENCE_CHARS
 csv.field_size_limit(MAX_LINE_CHARS)
 _LINE_END = re.compile(r"\r\n|\r|\n")  # what a CSV reader ends lines on; not str.splitlines' Unicode breaks
+_LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")
+# UTF-32 LE before UTF-16 LE: the one's mark begins with the other's.
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
 @dataclass(frozen=True)
@@ -68,14 +73,21 @@ from pipeline.tasks import NUM_CLASSES  # noqa: E402,F401 (re-exported)
 # ---------------------------------------------------------------- locating files
 
 
+# The shared data folder beside a checkout (../shared/data/cs224n), used when it holds its SHA256SUMS.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cs224n"
+
+
 def resolve_data_dir(data_dir: str, cache_dir: str) -> Path:
-    """The folder holding the task files: a param, then $MINBERT_DATA_DIR, else download into the cache."""
+    """The folder holding the task files: a param, then $MINBERT_DATA_DIR, then ../shared/data/cs224n
+    beside the checkout (what the Makefile exports), else download into the cache."""
     chosen = data_dir or os.environ.get("MINBERT_DATA_DIR", "")
     if chosen:
         path = Path(chosen).expanduser()
         if not path.is_dir():
             raise DataError(f"data folder {path} does not exist (set by data.data_dir or MINBERT_DATA_DIR)")
         return path
+    if (SHARED_DATA / "SHA256SUMS").is_file():
+        return SHARED_DATA
     return download_official(Path(cache_dir))
 
 
@@ -148,16 +160,51 @@ class Examples:
     labels: list[float] = field(default_factory=list)
 
 
-def _decode(path: Path) -> str:
+def _decode_lines(path: Path) -> tuple[list[str], dict[int, str]]:
+    """The file's lines without their line ends, and {line number: why} for those that are not UTF-8.
+
+    A few undecodable rows are bad rows like any other (their text here is empty). A file that is
+    not UTF-8 text at all stops with one line naming it: a UTF-16 or UTF-32 byte-order mark, a NUL
+    byte (UTF-16 without a mark, or binary), an undecodable header, or most rows undecodable.
+    """
     raw = path.read_bytes()
+    for bom, name in _WIDE_BOMS:
+        if raw.startswith(bom):
+            raise DataError(f"{path}: {name} text (byte-order mark), not UTF-8; save it as UTF-8")
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: NUL byte: not UTF-8 text (UTF-16 or a binary file?); save it as UTF-8")
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark is tolerated, not an error
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    return text
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:  # the whole file decodes: the common case
+        if not text.strip():
+            raise DataError(f"{path}: file is empty")
+        lines = _LINE_END.split(text)
+        if lines[-1] == "":  # the final line end
+            lines.pop()
+        return lines, {}
+    # Line ends are single bytes that never occur inside a UTF-8 sequence, so the bytes split
+    # where the text would.
+    parts = _LINE_END_BYTES.split(raw.removeprefix(codecs.BOM_UTF8))
+    if parts[-1] == b"":
+        parts.pop()
+    lines, undecodable = [], {}
+    for line_no, part in enumerate(parts, start=1):
+        try:
+            lines.append(part.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            undecodable[line_no] = f"not valid UTF-8 (byte 0x{part[err.start]:02x})"
+            lines.append("")
+    if 1 in undecodable:
+        raise DataError(f"{path}:1: header is {undecodable[1]}; save the file as UTF-8")
+    rows = len(lines) - 1
+    if 2 * len(undecodable) > rows:
+        first = min(undecodable)
+        raise DataError(f"{path}: not UTF-8 text ({len(undecodable)} of {rows} rows undecodable, first at line "
+                        f"{first}: {undecodable[first]}); save it as UTF-8")
+    return lines, undecodable
 
 
 def _split_row(line: str) -> tuple[list[str], str | None]:
@@ -183,9 +230,7 @@ def read_task_file(path: Path, spec: FileSpec) -> tuple[Examples, list[BadRow], 
     """Parse one file; return the valid examples, the bad rows and the number of data rows seen."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    lines = _LINE_END.split(_decode(path))
-    if lines[-1] == "":  # the final line end
-        lines.pop()
+    lines, undecodable = _decode_lines(path)
     if "\t" not in lines[0]:
         raise DataError(f"{path}:1: header is not tab-separated (got {lines[0][:60]!r})")
     header = [h.strip() for h in _split_row(lines[0])[0]]
@@ -196,6 +241,9 @@ def read_task_file(path: Path, spec: FileSpec) -> tuple[Examples, list[BadRow], 
     col = {name: header.index(name) for name in required}
     out, bad, seen_ids = Examples(), [], set()
     for line_no, line in enumerate(lines[1:], start=2):
+        if line_no in undecodable:  # a bad row like any other: counted, reported, skipped (fatal in strict mode)
+            bad.append(BadRow(spec.filename, line_no, undecodable[line_no]))
+            continue
         row, unreadable = _split_row(line)
 
         def reject(reason: str, line_no: int = line_no) -> None:

@@ -39,8 +39,8 @@ def _assert_one_line_error(code: int, errors: list[str], *needles: str) -> None:
 # ------------------------------------------------------------------ broken files: the whole prepare stops
 
 
-def _non_utf8(path):
-    path.write_bytes(path.read_bytes() + b"99\tbad\tcaf\xe9 au lait\t1\n")  # latin-1, at line ROWS + 2
+def _non_utf8_header(path):
+    path.write_bytes(path.read_bytes().replace(b"sentence", b"phras\xe9", 1))  # latin-1, in the header
 
 
 def _semicolons(path):
@@ -52,7 +52,9 @@ def _drop_last_column(path):
 
 
 FILE_CASES = {
-    "non-UTF-8 bytes": ("ids-sst-train.csv", _non_utf8, f":{ROWS + 2}: not valid UTF-8 (byte 0xe9)"),
+    "non-UTF-8 header": ("ids-sst-train.csv", _non_utf8_header, ":1: header is not valid UTF-8 (byte 0xe9)"),
+    "UTF-16 file": ("sts-train.csv", lambda p: p.write_bytes(p.read_text().encode("utf-16")),
+                    ": UTF-16 text (byte-order mark), not UTF-8"),
     "empty file": ("quora-dev.csv", lambda p: p.write_bytes(b""), ": file is empty"),
     "blank file": ("sts-dev.csv", lambda p: p.write_text("\n\r\n  \n"), ": file is empty"),
     "byte-order mark only": ("ids-cfimdb-train.csv", lambda p: p.write_bytes(b"\xef\xbb\xbf\n"), ": file is empty"),

@@ -81,10 +81,47 @@ def test_file_level_problems_fail_with_one_line(tmp_path, content, message):
     assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_non_utf8_names_the_line(tmp_path):
-    path = _write(tmp_path, "", raw=b"\tid\tsentence\tsentiment\n0\ta\tok\t1\n1\tb\tbad \xff byte\t2\n")
-    with pytest.raises(DataError, match=r":3: not valid UTF-8"):
+def test_undecodable_row_is_one_bad_row(tmp_path):
+    raw = (b"\xef\xbb\xbf\tid\tsentence\tsentiment\r\n0\ta\tcaf\xc3\xa9 ok\t1\r\n1\tb\tcaf\xe9 latin-1\t2\r\n"
+           b"2\tc\tfine\t3\r\n3\td\tlast\t0")
+    ex, bad, rows = read_task_file(_write(tmp_path, "", raw=raw), SST)
+    assert rows == 4 and ex.ids == ["a", "c", "d"] and ex.s1[0] == "caf\u00e9 ok" and ex.labels == [1.0, 3.0, 0.0]
+    assert [(b.file, b.line, b.reason) for b in bad] == [("ids-sst-train.csv", 3, "not valid UTF-8 (byte 0xe9)")]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("\tid\tsentence\tsentiment\n0\ta\tok\t1\n".encode("utf-16"), "UTF-16 text (byte-order mark)"),
+    ("\tid\tsentence\tsentiment\n0\ta\tok\t1\n".encode("utf-32"), "UTF-32 text (byte-order mark)"),
+    ("\tid\tsentence\tsentiment\n0\ta\tok\t1\n".encode("utf-16-le"), ":1: NUL byte"),
+    ("\tid\tsentence\tsentiment\n0\ta\tcaf\u00e9\t1\n1\tb\tna\u00efve\t2\n2\tc\tok\t3\n".encode("latin-1"),
+     "not UTF-8 text (2 of 3 rows undecodable, first at line 2"),
+    (b"\tid\tsentence\tsentiment\xe9\n0\ta\tok\t1\n", ":1: header is not valid UTF-8 (byte 0xe9)"),
+])
+def test_file_that_is_not_utf8_fails_with_one_line(tmp_path, raw, message):
+    path = _write(tmp_path, "", raw=raw)
+    with pytest.raises(DataError) as err:
         read_task_file(path, SST)
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prepare_counts_an_undecodable_row_and_strict_fails(tmp_path, tiny_backbone):
+    from pipeline.config import DataConfig
+    from pipeline.data import prepare
+    from pipeline.model import load_tokenizer
+
+    data = write_micro_data(tmp_path / "data", rows=6)
+    with open(data / "sts-dev.csv", "ab") as fh:
+        fh.write(b"6\tsdbad\tna\xefve\tsentence\t2.5\n")
+    tokenizer = load_tokenizer(str(tiny_backbone))
+    cfg = DataConfig(data_dir=str(data), prepared_dir=str(tmp_path / "prep"), max_length=16)
+    report = prepare(cfg, tokenizer, str(tiny_backbone))
+    assert report["bad_rows"] == [{"file": "sts-dev.csv", "line": 8, "reason": "not valid UTF-8 (byte 0xef)"}]
+    assert report["files"]["sts-dev.csv"] | {"sha256": ""} == {"sha256": "", "rows": 7, "kept": 6, "bad": 1}
+    assert len(json.loads((tmp_path / "prep" / "sts-dev.ids.json").read_text())) == 6
+    strict = DataConfig(data_dir=str(data), prepared_dir=str(tmp_path / "strict"), max_length=16, strict=True)
+    with pytest.raises(DataError, match=r"sts-dev.csv:8: not valid UTF-8 \(byte 0xef\) \(1 bad rows in all; strict"):
+        prepare(strict, tokenizer, str(tiny_backbone))
+    assert not (tmp_path / "strict").exists()
 
 
 def test_missing_file(tmp_path):
@@ -182,3 +219,20 @@ def test_collate_pairs_and_cross(prepared):
     n = len(s1) + len(s2) - 1
     assert c["input_ids"][0, :n].tolist() == s1.tolist() + s2[1:].tolist()
     assert c["token_type_ids"][0, :n].tolist() == [0] * len(s1) + [1] * (len(s2) - 1)
+
+
+def test_data_dir_order_param_env_shared_mirror(tmp_path, monkeypatch):
+    from pipeline import data as data_mod
+
+    mirror, env_dir, param_dir = tmp_path / "mirror", tmp_path / "env", tmp_path / "param"
+    for d in (mirror, env_dir, param_dir):
+        d.mkdir()
+    (mirror / "SHA256SUMS").write_text("")
+    monkeypatch.setattr(data_mod, "SHARED_DATA", mirror)
+    monkeypatch.delenv("MINBERT_DATA_DIR", raising=False)
+    cache = tmp_path / "cache"
+    assert data_mod.resolve_data_dir("", str(cache)) == mirror
+    monkeypatch.setenv("MINBERT_DATA_DIR", str(env_dir))
+    assert data_mod.resolve_data_dir("", str(cache)) == env_dir
+    assert data_mod.resolve_data_dir(str(param_dir), str(cache)) == param_dir
+    assert not cache.exists()  # nothing downloaded
