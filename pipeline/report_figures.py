@@ -16,8 +16,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline import io as pio  # noqa: E402
 from pipeline.report_tables import METRIC_NAMES, Row  # noqa: E402
+from pipeline.tasks import MULTITASK_METRICS, TASKS  # noqa: E402
 
-TASK_METRICS = ("sst_acc", "para_acc", "sts_corr")
+TASK_METRICS = MULTITASK_METRICS
 # One look per task, so that tasks with equal values (GradNorm's weights all start at 1) stay visible:
 # the first line is drawn widest and each later one narrower on top, each with its own dash and marker.
 TASK_STYLES = ({"ls": "-", "marker": "o", "lw": 3.2}, {"ls": "--", "marker": "s", "lw": 2.2},
@@ -142,8 +143,8 @@ def dev_curves(histories: dict[str, list[list[dict]]], path: Path, eval_limits: 
         _empty(path, title, "no training histories yet")
         return
     did_not_learn = did_not_learn or set()
-    metrics = [*TASK_METRICS] + (["cfimdb_acc"] if any("cfimdb_acc" in h for hs in histories.values()
-                                                     for hist in hs for h in hist) else [])
+    present = {m for hs in histories.values() for hist in hs for h in hist for m in h}
+    metrics = [t.metric for t in TASKS.values() if t.metric in TASK_METRICS or t.metric in present]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
     axes = np.atleast_1d(axes)
     colors = (lambda k: plt.cm.tab10(k % 10)) if len(histories) <= 10 else (lambda k: plt.cm.tab20(k % 20))
@@ -195,7 +196,9 @@ def gradnorm_weights(steps: dict[str, list[pd.DataFrame]], path: Path, titles: d
         for i, col in enumerate(cols):
             band = seed_band(frames, "step", col)
             style = dict(TASK_STYLES[i % len(TASK_STYLES)])
-            _band(ax, band, f"C{i}", col.removeprefix("gn_weight_"), markevery=max(1, len(band) // 8), ms=5,
+            task = col.removeprefix("gn_weight_")
+            label = TASKS[task].label if task in TASKS else task
+            _band(ax, band, f"C{i}", label, markevery=max(1, len(band) // 8), ms=5,
                   mfc="none" if i == 0 else None, zorder=2 + i, **style)
         n = len(frames)
         ax.set_title(titles.get(name, name) + (f", {n} seeds" if n > 1 else ""), fontsize=9)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.tasks import METRIC_OF_TASK, accuracy, pearson, summarize, task_score  # noqa: F401 (re-exported)
+from pipeline.tasks import METRIC_OF_TASK, TASKS, accuracy, pearson, summarize, task_score  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Bootstrap:
     def replicates(self, task: str, pred: np.ndarray, label: np.ndarray) -> np.ndarray:
         """The task score of each resample (vectorised task_score)."""
         idx = self.indices(task, len(label))
-        if task == "sts":
+        if not TASKS[task].accuracy_metric:  # a correlation task (task_score: Pearson r)
             return _pearson_rows(np.asarray(pred, dtype=float)[idx], np.asarray(label, dtype=float)[idx])
         right = np.asarray(pred) == np.asarray(label).astype(int)  # bool: (B, n) gathers stay small
         return right[idx].mean(axis=1)

@@ -14,19 +14,22 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.report_stats import Bootstrap, Difference, Estimate, summarize
+from pipeline.tasks import COMBINED_TITLES, METRIC_TITLES, MULTITASK_METRICS, TASKS
 
-METRIC_NAMES = {"avg": "Avg.", "sst_acc": "SST Acc.", "para_acc": "Para Acc.", "sts_corr": "STS Corr.",
-                "cfimdb_acc": "CFIMDB Acc.", "leaderboard_avg": "Leaderboard avg."}
-PAPER_METRICS = ("avg", "sst_acc", "para_acc", "sts_corr", "cfimdb_acc")
-PAPER_COLUMNS = ("table", "split", "experiment", *PAPER_METRICS)
+# Column headers of every metric, in table order (pipeline.tasks: the registry's titles).
+METRIC_NAMES = METRIC_TITLES
+# The paper's results file: a row per table row, a column per metric it reports (a task the
+# paper has no column for, such as one added to the registry later, reads as not reported).
+PAPER_METRICS = ("avg", *(t.metric for t in TASKS.values()))
+PAPER_COLUMNS = ("table", "split", "experiment")
 MAJORITY = "Majority class (dev)"
 MISSING = "missing"
 DID_NOT_LEARN = "did not learn"
-# Where "did not learn" is judged: a classification task whose majority-class rate is a floor.
-# (STS is a correlation: the constant predictor scores 0, and Table 1 is the only one with CFIMDB.)
-LEARN_METRICS = ("sst_acc", "para_acc", "cfimdb_acc")
+# Where "did not learn" is judged: an accuracy task, whose majority-class rate is a floor.
+# (A correlation task such as STS: the constant predictor scores 0.)
+LEARN_METRICS = tuple(t.metric for t in TASKS.values() if t.accuracy_metric)
 # The task metrics each combined metric averages.
-COMPONENTS = {"avg": ("sst_acc", "para_acc", "sts_corr"), "leaderboard_avg": ("sst_acc", "para_acc", "sts_corr")}
+COMPONENTS = {m: MULTITASK_METRICS for m in COMBINED_TITLES}
 
 
 def read_paper_results(path: str | Path) -> pd.DataFrame:
@@ -39,8 +42,9 @@ def read_paper_results(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise PipelineError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
     missing = [c for c in PAPER_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}")
+    if missing or not any(m in frame.columns for m in PAPER_METRICS):
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing) or 'for every metric'}; expected "
+                            f"{', '.join(PAPER_COLUMNS)} and some of {', '.join(PAPER_METRICS)}")
     for i, value in enumerate(frame["table"], start=2):
         if not isinstance(value, (int, np.integer)):
             raise PipelineError(f"{path}: line {i}: table={value!r} is not an integer")
@@ -50,8 +54,8 @@ def read_paper_results(path: str | Path) -> pd.DataFrame:
 def paper_scores(record: pd.Series) -> dict[str, float]:
     """A paper row's scores, plus the leaderboard average computed from them (not published)."""
     scores = {m: float(record[m]) for m in PAPER_METRICS if m in record and pd.notna(record[m])}
-    tasks = {m: scores[m] for m in ("sst_acc", "para_acc", "sts_corr") if m in scores}
-    if len(tasks) == 3:
+    tasks = {m: scores[m] for m in MULTITASK_METRICS if m in scores}
+    if len(tasks) == len(MULTITASK_METRICS):
         scores["leaderboard_avg"] = summarize(tasks)["leaderboard_avg"]
     return scores
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import io as pio
-from pipeline.report_tables import DID_NOT_LEARN, MAJORITY, METRIC_NAMES, _num, diff_cell, markdown
+from pipeline.report_tables import DID_NOT_LEARN, LEARN_METRICS, MAJORITY, METRIC_NAMES, _num, diff_cell, markdown
+from pipeline.tasks import MULTITASK_METRICS, TASKS
 
 CAPTIONS = {
     "ablation_scores.png": "Table 2: dev score per ablation, ours (seed mean) with 95% bootstrap intervals (dots; "
@@ -31,7 +32,13 @@ CAPTIONS = {
     "ours_vs_paper.png": "Every row of Tables 1, 2 and 4: our dev score against the paper's; the diagonal is "
                          "agreement.",
 }
-TASK_OF_METRIC = {"sst_acc": "SST", "para_acc": "Quora", "cfimdb_acc": "CFIMDB", "sts_corr": "STS"}
+TASK_TITLES = {t.metric: t.label for t in TASKS.values()}  # "para_acc" -> "Quora"
+
+
+def task_list(metrics, conjunction: str) -> str:
+    """'SST, Quora and CFIMDB': the tasks of `metrics`, as the report names them."""
+    names = [TASK_TITLES[m] for m in metrics]
+    return f"{', '.join(names[:-1])} {conjunction} {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def _values(runs: dict, getter) -> str:
@@ -179,7 +186,7 @@ def did_not_learn_lines(tables: dict, runs: dict) -> list[str]:
             for m, rate in row.did_not_learn.items():
                 est = row.ours[m]
                 exps = [e for e in row.experiments if e in runs]
-                lines.append(f"- Table {t}, **{row.label}** did not learn {TASK_OF_METRIC.get(m, m)}: "
+                lines.append(f"- Table {t}, **{row.label}** did not learn {TASK_TITLES.get(m, m)}: "
                              f"{METRIC_NAMES[m]} {est.point:.3f} [{_num(est.lo)}, {_num(est.hi)}], lower end "
                              f"{_num(est.lo)} ≤ majority-class rate {_num(rate)}. Learning curve: "
                              f"{', '.join(f'`{e}`' for e in exps) or 'its experiment'} in "
@@ -293,17 +300,22 @@ def write_report_md(path: Path, c: dict) -> Path:
              "them is marked `resolved (bootstrap only)` and says nothing about training randomness."
              if single else ""),
           ]
-    if base is not None and "para_acc" in base.paper and "para_acc" in maj:
-        below = base.paper["para_acc"] < maj["para_acc"].point
+    judged = [m for m in MULTITASK_METRICS if m in LEARN_METRICS and base is not None and m in base.paper
+              and m in maj]
+    if judged:
+        below = [m for m in judged if base.paper[m] < maj[m].point]
         L.append("- **Majority class.** Predicting the majority label scores "
                  + ", ".join(f"{METRIC_NAMES[m]} {e.point:.3f}" for m, e in maj.items() if m in METRIC_NAMES)
-                 + f" on our dev examples; the paper's Baseline paraphrase accuracy ({base.paper['para_acc']:.3f}) is "
-                 + ("below" if below else "not below") + " the majority class here.")
+                 + " on our dev examples; "
+                 + ("; ".join(f"the paper's Baseline {TASK_TITLES[m]} accuracy ({base.paper[m]:.3f}) is below the "
+                              "majority class here" for m in below)
+                    if below else f"none of the paper's Baseline accuracies ({task_list(judged, 'and')}) is below "
+                                  "the majority class here") + ".")
     L.append(f"- **Rows that did not learn.** {len(dnl)} (row, task) pairs have the lower end of their interval at or "
              "below the majority-class rate (see [below](#rows-that-did-not-learn)); they are marked "
              f"\"{DID_NOT_LEARN}\" in the tables and left out of the survival counts." if dnl else
-             "- **Rows that did not learn.** None: every evaluated row's interval on SST, Quora and CFIMDB accuracy "
-             "lies above the majority-class rate.")
+             "- **Rows that did not learn.** None: every evaluated row's interval on "
+             f"{task_list(LEARN_METRICS, 'and')} accuracy lies above the majority-class rate.")
     L.append("")
 
     for t, title in ((1, "Table 1: sentiment only, pretrain vs fine-tune (dev)"), (2, "Table 2: the ablation (dev)"),

@@ -18,17 +18,41 @@ class Task:
     leaderboard_header: str         # the CS224N prediction file's header word
     num_classes: int | None = None  # sentence classification (cross-entropy); None: a pair task
     pair_kind: str = ""             # "binary" (logit, BCE) or "score" (0-5 regression)
+    title: str = ""                 # how the report and quality.md name the task ("Quora"); default: the name
+    metric_title: str = ""          # the metric's column header, as the paper's tables write it ("Para Acc.")
+
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
+    @property
+    def metric_label(self) -> str:
+        return self.metric_title or self.metric
+
+    @property
+    def accuracy_metric(self) -> bool:
+        """Scored by accuracy (a classification: the majority class is a floor), not by correlation."""
+        return self.pair_kind != "score"
 
 
 TASKS = {
-    "sst": Task("sst", "sst_acc", "Predicted_Sentiment", num_classes=5),
-    "para": Task("para", "para_acc", "Predicted_Is_Paraphrase", pair_kind="binary"),
-    "sts": Task("sts", "sts_corr", "Predicted_Similiary", pair_kind="score"),
-    "cfimdb": Task("cfimdb", "cfimdb_acc", "Predicted_Sentiment", num_classes=2),
+    "sst": Task("sst", "sst_acc", "Predicted_Sentiment", num_classes=5, title="SST", metric_title="SST Acc."),
+    "para": Task("para", "para_acc", "Predicted_Is_Paraphrase", pair_kind="binary", title="Quora",
+                 metric_title="Para Acc."),
+    "sts": Task("sts", "sts_corr", "Predicted_Similiary", pair_kind="score", title="STS", metric_title="STS Corr."),
+    "cfimdb": Task("cfimdb", "cfimdb_acc", "Predicted_Sentiment", num_classes=2, title="CFIMDB",
+                   metric_title="CFIMDB Acc."),
 }
 MULTITASK = ("sst", "para", "sts")  # the paper's three, trained together
 METRIC_OF_TASK = {t.name: t.metric for t in TASKS.values()}
 NUM_CLASSES = {t.name: t.num_classes for t in TASKS.values() if t.num_classes}
+TASK_OF_METRIC = {t.metric: t.name for t in TASKS.values()}
+MULTITASK_METRICS = tuple(TASKS[t].metric for t in MULTITASK)
+# The combined metrics summarize() adds over the multitask scores, with their column headers.
+COMBINED_TITLES = {"avg": "Avg.", "leaderboard_avg": "Leaderboard avg."}
+# Every metric's column header, in table order: avg, each task's metric (registry order), leaderboard_avg.
+METRIC_TITLES = {"avg": COMBINED_TITLES["avg"], **{t.metric: t.metric_label for t in TASKS.values()},
+                 "leaderboard_avg": COMBINED_TITLES["leaderboard_avg"]}
 
 
 def accuracy(pred, gold) -> float:

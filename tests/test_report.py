@@ -19,7 +19,7 @@ from conftest import PARAMS, ROOT
 from pipeline.config import check_study, load_config
 from pipeline.errors import PipelineError
 from pipeline.evaluate import METRIC_OF_TASK, summarize, task_score
-from pipeline.report import FIGURES, run_report
+from pipeline.report import FIGURES, run_report, study_experiments
 from pipeline.report_stats import Bootstrap, estimate_runs, read_dev_predictions
 
 PAPER = ROOT / "reports" / "paper_results.csv"
@@ -106,7 +106,11 @@ def test_bad_dev_predictions_is_one_line_error(tmp_path):
 
 def test_params_experiments_cover_every_paper_row():
     params = yaml.safe_load(PARAMS.read_text())
-    assert check_study(params) == []
+    study = study_experiments(params)
+    others = [n for n in params["experiments"] if n not in study]  # the quality candidates: not study rows
+    assert all(not params["experiments"][n].get("rows") for n in others)
+    assert [p for p in check_study(params) if not any(f"experiments.{n} is in no train_groups" in p
+                                                       for n in others)] == []
     broken = yaml.safe_load(PARAMS.read_text())
     broken["train_groups"]["backbone"].remove("baseline")
     broken["train_groups"]["mlm"].append("baseline")
@@ -115,11 +119,11 @@ def test_params_experiments_cover_every_paper_row():
     assert "experiments.baseline belongs in train_groups.backbone, not mlm" in problems
     assert "profiles.cpu.eval is missing (DVC stages depend on it; use {})" in problems
     paper = pd.read_csv(PAPER)
-    rows = {(r["table"], r["label"]) for spec in params["experiments"].values() for r in spec["rows"]}
+    rows = {(r["table"], r["label"]) for n in study for r in params["experiments"][n]["rows"]}
     for _, rec in paper[paper["table"] != 3].iterrows():
         assert (rec["table"], rec["experiment"]) in rows, rec["experiment"]
     # Table 4's alpha = 1.0 row is Table 2's last row: one experiment, trained once.
-    shared = [n for n, s in params["experiments"].items() if {r["table"] for r in s["rows"]} == {2, 4}]
+    shared = [n for n in study if {r["table"] for r in params["experiments"][n]["rows"]} == {2, 4}]
     assert len(shared) == 1 and load_config(PARAMS, shared[0]).train.gn_alpha == 1.0
 
 
@@ -189,7 +193,7 @@ def test_report_has_every_table_row_figure_and_majority(study, prepared):
     path, params = study
     params["__path__"] = path
     rng = np.random.default_rng(7)
-    for exp in params["experiments"]:
+    for exp in study_experiments(params):
         write_run(params, prepared, exp, 11711, skill=0.9 if exp == "cos_relu_loop" else 0.5, rng=rng)
     out = path.parent / "reports"
     result = run_report(path, out_dir=out)
@@ -234,11 +238,17 @@ def test_missing_runs_show_as_missing(study, prepared):
     path, params = study
     params["__path__"] = path
     write_run(params, prepared, "baseline", 11711, skill=0.6, rng=np.random.default_rng(0))
+    # An experiment outside train_groups (a quality candidate) is not part of the study: never read.
+    write_run(params, prepared, "quality_bi_encoder", 11711, skill=0.6, rng=np.random.default_rng(1))
     out = path.parent / "reports"
     result = run_report(path, out_dir=out)
     md = (out / "tables" / "table2.md").read_text()
     assert "| Baseline + ReLU | missing |" in md
-    assert len(result["missing"]) == len(params["experiments"]) - 1
+    study = study_experiments(params)
+    groups = params["train_groups"]
+    assert "quality_bi_encoder" not in study and len(study) == len(groups["backbone"]) + len(groups["mlm"])
+    assert len(result["missing"]) == len(study) - 1
+    assert "quality_bi_encoder" not in (out / "REPORT.md").read_text() and "quality_bi_encoder" not in result["facts"]
     assert pd.read_csv(out / "tables" / "table4.csv")["avg"].iloc[:4].isna().all()
     for name in FIGURES:
         assert (out / "figures" / name).exists()
@@ -316,6 +326,54 @@ def test_resolved_needs_both_intervals_to_exclude_zero():
     diff = boot.difference(noisy, steady)
     assert diff.point == pytest.approx(0.1) and not diff.bootstrap_contains_zero
     assert diff.seeds_contain_zero and not diff.resolved and diff.marker == "~noise (seeds)"
+
+
+def test_interval_rounding_never_contradicts_the_verdict():
+    """However small or close to 0 the bounds, an interval that excludes 0 prints both bounds on one side of
+    it (never as "+0.000"), one that contains 0 prints them around it, and the marker says which."""
+    import re
+
+    from pipeline.report_stats import Difference
+    from pipeline.report_tables import diff_cell
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        scale = 10.0 ** rng.integers(-7, 0)
+        lo, hi = np.sort(rng.normal(scale=scale, size=2))
+        seed_lo, seed_hi = np.sort(rng.normal(scale=scale, size=2))
+        diff = Difference(float((lo + hi) / 2), float(lo), float(hi), float(seed_lo), float(seed_hi))
+        text = diff_cell(diff)
+        printed = [[float(v) for v in group.split(", ")] for group in re.findall(r"\[([^\]]+)\]", text)]
+        for (a, b), (x, y) in zip(printed, [(lo, hi), (seed_lo, seed_hi)]):
+            if x > 0 or y < 0:  # excludes 0: no bound prints as zero, both keep their sign
+                assert a != 0 and b != 0 and (a > 0) == (b > 0) == (x > 0), (text, x, y)
+            else:
+                assert a <= 0 <= b, (text, x, y)
+        assert text.endswith(diff.marker) and diff.marker.startswith("resolved") == diff.resolved
+        assert "0.000" not in text  # the symptom: a bound that is not zero printed as zero
+
+
+def test_report_columns_and_tasks_come_from_the_task_registry(tmp_path):
+    from pipeline import report_tables, tasks
+
+    assert list(report_tables.METRIC_NAMES) == ["avg", *(t.metric for t in tasks.TASKS.values()), "leaderboard_avg"]
+    assert report_tables.METRIC_NAMES["para_acc"] == tasks.TASKS["para"].metric_title
+    assert report_tables.LEARN_METRICS == tuple(t.metric for t in tasks.TASKS.values() if t.pair_kind != "score")
+    assert report_tables.COMPONENTS["avg"] == tuple(tasks.TASKS[t].metric for t in tasks.MULTITASK)
+    # A task the paper's results file has no column for (one added later) reads as not reported.
+    fewer = tmp_path / "paper.csv"
+    pd.read_csv(PAPER).drop(columns="cfimdb_acc").to_csv(fewer, index=False)
+    frame = report_tables.read_paper_results(fewer)
+    assert all("cfimdb_acc" not in report_tables.paper_scores(rec) for _, rec in frame.iterrows())
+    pd.read_csv(PAPER).drop(columns="split").to_csv(fewer, index=False)
+    with pytest.raises(PipelineError, match="paper.csv: missing column"):
+        report_tables.read_paper_results(fewer)
+    # No task name or metric key is spelled out in the report's code (prose and file names aside).
+    literals = set(tasks.TASKS) | {t.metric for t in tasks.TASKS.values()}
+    for path in [*sorted((ROOT / "pipeline").glob("report*.py")), ROOT / "benchmarks" / "quality.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert node.value not in literals, f"{path.name}:{node.lineno} spells out {node.value!r}"
 
 
 def test_did_not_learn_is_the_lower_end_against_the_majority_rate():
