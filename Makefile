@@ -1,30 +1,66 @@
-# Two entry points: `make repro` (the study) and `make test` (the suite).
-# The venv is rebuilt only when pyproject.toml changes.
+# Two entry points: `make repro` (the study) and `make test` (the suite); `make shell` opens a
+# shell with the installed environment for commands outside make (dvc, python -m pipeline, wandb).
+# The install runs in three steps, each redone only when its input changes: the venv (once), torch
+# (when TORCH_SPEC changes) and the project with its dependencies (when pyproject.toml changes).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel on these machines; a GPU user sets TORCH_SPEC to their CUDA build, e.g.
-#   make repro TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
-TORCH_SPEC ?= torch==2.13.0
+# No byte-compiling at install (torch alone installs 3x faster): Python compiles what a command
+# imports on first use and keeps it in .venv. Make's commands may write that bytecode even where the
+# environment sets PYTHONDONTWRITEBYTECODE; otherwise every process would compile torch, transformers
+# and the rest again (~5 s a process here).
+PIP := $(PY) -m pip install --quiet --no-compile
+unexport PYTHONDONTWRITEBYTECODE
+# The CPU wheel on these machines; a GPU user sets TORCH_SPEC to their CUDA build once, e.g.
+#   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+# The venv remembers it ($(VENV)/.torch-spec): later make commands keep that torch, and only another
+# TORCH_SPEC replaces it (`make install TORCH_SPEC=torch==2.13.0` goes back to the CPU wheel).
+TORCH_SPEC_FILE := $(VENV)/.torch-spec
+TORCH_SPEC ?= $(or $(strip $(file <$(TORCH_SPEC_FILE))),torch==2.13.0)
 SHARED_DATA := $(abspath ../shared/data/cs224n)
 export MINBERT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/SHA256SUMS),$(SHARED_DATA),)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= disabled
 
-.PHONY: install repro test test-fast bench quality clean
+.PHONY: install shell repro test test-fast bench quality clean exp-show FORCE
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PIP) --upgrade pip
+	touch $@
+
+# $(TORCH_SPEC_FILE) holds the spec torch was installed from; it is rewritten (and torch reinstalled)
+# only when TORCH_SPEC differs from it, so `make -n install` shows exactly what would run.
+ifneq ($(strip $(TORCH_SPEC)),$(strip $(file <$(TORCH_SPEC_FILE))))
+$(TORCH_SPEC_FILE): FORCE
+endif
+$(TORCH_SPEC_FILE): | $(VENV)/.created
+	printf '%s\n' '$(subst ','\'',$(strip $(TORCH_SPEC)))' > $@
+
+# A new spec replaces the installed torch: without the uninstall pip would keep any installed torch
+# that satisfies the spec (e.g. the CPU build for a bare `torch --index-url ...`).
+$(VENV)/.torch-installed: $(TORCH_SPEC_FILE)
+	if [ -e $@ ]; then $(PY) -m pip uninstall --quiet --yes torch; fi
+	$(PIP) $(TORCH_SPEC)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch-installed
+	$(PIP) -e ".[dev]"
 	# W&B's sweep engine, for validating sweeps/*.yaml offline; its top-level package `sweeps`
 	# would shadow ours, so it lives in its own folder (tests/test_wandb.py loads it from there).
-	$(PY) -m pip install --quiet --no-deps --target $(VENV)/wandb-sweeps sweeps==0.2.0
+	$(PIP) --no-deps --target $(VENV)/wandb-sweeps sweeps==0.2.0
 	touch $@
+
+# A bash subshell with the venv activated and the environment above (offline Hub, W&B disabled,
+# MINBERT_DATA_DIR on ../shared/data/cs224n when present): `exit` leaves it.
+shell: install
+	@printf '%s\n' '[ -f ~/.bashrc ] && . ~/.bashrc' '. $(abspath $(VENV))/bin/activate' \
+		'echo "venv $(VENV) active; MINBERT_DATA_DIR=$${MINBERT_DATA_DIR:-(unset: data.data_dir, else download)}; exit to leave"' \
+		> $(VENV)/.shellrc
+	@bash --rcfile $(VENV)/.shellrc -i
 
 # The profile comes from params.yaml (`profile:`), which DVC tracks; an exported MINBERT_PROFILE
 # would make the stages run another profile than the one DVC records, so it is cleared here.
@@ -56,17 +92,25 @@ test-fast: install
 # Throughput and overhead benchmarks -> reports/benchmarks.json and .md (under 10 min on 2 CPU cores).
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--threads 0" (torch's default threads on an idle machine).
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PIP) -e ".[bench]"
 	touch $@
 
 bench: $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
-# Dev quality on the embedded default: a frozen-backbone probe beside the fine-tuned candidates of
-# benchmarks/quality.yaml -> reports/quality.json and .md (~35 min on 2 CPU cores, prepare included).
-# QUALITY_ARGS passes options, e.g. QUALITY_ARGS="--only best".
+# Dev quality on the embedded default: a frozen-backbone probe beside the fine-tuned candidates
+# -> reports/quality.json and .md, which gives the measured times (one seed on 2 CPU cores: ~2.5 min
+# for the probe, ~23 min a candidate). QUALITY_ARGS passes options (`python -m benchmarks.quality
+# --help`), e.g. QUALITY_ARGS="--only NAME" reruns one candidate (an unknown NAME lists them).
 quality: install
 	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
 
+# DVC experiments side by side in a terminal: the study's headline numbers (reports/metrics.json)
+# and the params people change. DVC has no setting for the columns of `dvc exp show`; without the
+# filter it lists every param and code dependency (~240 columns).
+EXP_COLUMNS ?= ^(Experiment|Created|State|profile|seeds|extra_seeds|table[0-9]+\..*)$$
+exp-show: install
+	$(VENV)/bin/dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_ARGS)
+
 clean:
-	rm -rf $(VENV) data/prepared data/prefix runs models
+	rm -rf $(VENV) data/prepared data/prefix data/quality runs models

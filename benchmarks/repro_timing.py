@@ -15,7 +15,7 @@ categories by name: prepare, cache, pretrain-mlm (MLM), train@ / train-mlm@ (tra
 evaluation, see below), evaluate@ (evaluation), report; the rest of dvc's wall time (checking
 which stages changed, hashing, git/dvc init) is `dvc`, and `--then` (the summary table) is `summary`.
 
-A train stage runs `train --evaluate` in one process; its run record (runs/<exp>/s<seed>/record.json)
+A train stage runs `train --evaluate` in one process; its run record (runs/study/<exp>/s<seed>/record.json)
 splits it: `stage_start` until the record opened (imports, model and data loading, the prefix
 cache check), `training` = the epochs' train_time_s (the optimizer steps), `evaluation` = the rest
 of the record's span (per-epoch selection on the dev sample, checkpoints) plus the final dev
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--installed", type=float, default=None, help="time.time() when its install step ended")
     p.add_argument("--install-marker", default=None, help="file the install step touches (did it run?)")
     p.add_argument("--then", default=None, help="a command to run (and time) after dvc succeeds")
-    p.add_argument("--runs-dir", default="runs", help="tracking.runs_dir (default: runs)")
+    p.add_argument("--runs-dir", default="runs/study", help="the study's run folders (default: runs/study)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv[:cut])

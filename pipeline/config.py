@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import os
+import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,11 @@ def _help(text: str, default: Any, **kw) -> Any:
     return field(default=default, metadata={"help": text}, **kw)
 
 
+_CHOICES: dict[str, tuple] = {}  # "section.field" -> allowed values, recorded by _choice (see allowed_values)
+
+
 def _choice(section: str, name: str, value: Any, allowed) -> None:
+    _CHOICES[f"{section}.{name}"] = tuple(allowed)
     if value not in allowed:
         raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(map(str, allowed))}")
 
@@ -204,16 +209,26 @@ class EvalConfig:
             raise ConfigError("eval.dev_limit must be >= 0 and eval.batch_size > 0")
 
 
+STUDY = "study"  # <runs_dir>/study/<experiment>/s<seed>: the DVC study's runs, all the report reads
+ADHOC = "adhoc"  # <runs_dir>/adhoc/...: `train -S ...` runs, whose config differs from params.yaml
+
+
+def study_dir(runs_dir: str | Path) -> Path:
+    return Path(runs_dir) / STUDY
+
+
 @dataclass
 class TrackingConfig:
-    runs_dir: str = _help("where run records, checkpoints and predictions go", "runs")
+    runs_dir: str = _help("root of the run folders: the study's in <runs_dir>/study (what the report reads), "
+                          "ad-hoc runs with -S overrides in <runs_dir>/adhoc, sweeps and quality runs beside them",
+                          "runs")
     wandb: bool = _help("log to Weights & Biases (offline without an API key)", False)
     wandb_project: str = _help("W&B project name", "minbert-multitask")
 
 
 @dataclass
 class Config:
-    name: str = _help("experiment name (the run folder is runs/<name>/s<seed>)", "default")
+    name: str = _help("experiment name (the run folder is runs/study/<name>/s<seed>)", "default")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -223,7 +238,13 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.tracking.runs_dir) / self.name / f"s{self.train.seed}"
+        """The study's folder for this experiment and seed (dvc.yaml writes the same path)."""
+        return study_dir(self.tracking.runs_dir) / self.name / f"s{self.train.seed}"
+
+    @property
+    def adhoc_run_dir(self) -> Path:
+        """Where a run with command-line overrides goes by default: never over a study run."""
+        return Path(self.tracking.runs_dir) / ADHOC / self.name / f"s{self.train.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -397,7 +418,9 @@ def check_study(params: dict) -> list[str]:
     for name, spec in experiments.items():
         wants = "mlm" if "mlm" in ((spec or {}).get("extensions") or []) else "backbone"
         if name not in seen:
-            problems.append(f"experiments.{name} is in no train_groups list (DVC never trains it)")
+            if (spec or {}).get("rows"):  # a paper row the study would miss; others (quality, ad hoc) are fine
+                problems.append(f"experiments.{name} is in no train_groups list (DVC never trains it)")
+            continue
         elif seen[name] != wants:
             problems.append(f"experiments.{name} belongs in train_groups.{wants}, not {seen[name]}")
         for key in ("extensions", "set"):
@@ -464,3 +487,138 @@ def load_config(
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (run records, checkpoints)."""
     return Config(name=d.get("name", "default"), **{k: cls(**d[k]) for k, cls in SECTION_CLASSES.items() if k in d})
+
+
+# ---------------------------------------------------------------- listings: `python -m pipeline params`, `train -e`
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter as `python -m pipeline params` lists it."""
+
+    key: str
+    type: str
+    default: Any
+    value: Any  # after params.yaml's blocks and the profile
+    allowed: str
+    help: str
+
+
+def allowed_values(key: str) -> str:
+    """What `section.field` accepts beyond its type, as text; '' when any value of its type passes
+    (ranges of numbers are checked, and named, when a value is loaded)."""
+    if key not in _CHOICES:  # each section's __post_init__ records its choice fields through _choice
+        for cls in SECTION_CLASSES.values():
+            cls()
+    if key in _CHOICES:
+        return ", ".join(map(str, _CHOICES[key]))
+    if key == "train.balancer":
+        from pipeline.balancers import known_balancers  # late: balancers imports torch
+
+        return ", ".join(known_balancers())
+    if key == "train.tasks":
+        return f"[{', '.join(TASKS)}], or one of {', '.join(ALL_TASKS)}"
+    return "true, false" if isinstance(field_default(key), bool) else ""
+
+
+def param_infos(params_path: str | Path | None = None, profile: str | None = None) -> tuple[list[ParamInfo], str]:
+    """Every `section.field` with its type, default, allowed values and help, and its value after
+    `params_path`'s blocks and `profile` (default: the file's `profile` key); also what that value
+    column stands for ('' without a params file)."""
+    cfg = load_config(params_path, profile=profile) if params_path else None
+    if params_path:
+        chosen = profile or os.environ.get("MINBERT_PROFILE") or read_params(params_path).get("profile")
+        source = f"{params_path} with profile {chosen}" if chosen else str(params_path)
+    else:
+        source = ""
+    infos = []
+    for section, cls in SECTION_CLASSES.items():
+        for f in fields(cls):
+            key = f"{section}.{f.name}"
+            default = _default(f)
+            infos.append(ParamInfo(key=key, type=str(f.type), default=default,
+                                   value=getattr(getattr(cfg, section), f.name) if cfg else default,
+                                   allowed=allowed_values(key), help=f.metadata.get("help", "")))
+    return infos, source
+
+
+def yaml_text(value: Any) -> str:
+    """A value as one would write it in params.yaml or after -S."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def text_table(header: list[str], rows: list[list[str]], wrap: dict[int, int] | None = None) -> str:
+    """Plain-text columns; a cell's lines are its own ("\\n"), and those of column i wrap at wrap[i] characters."""
+    wrap = wrap or {}
+
+    def lines(i: int, cell: str) -> list[str]:
+        return [w for part in cell.split("\n") for w in (textwrap.wrap(part, wrap[i]) or [""] if i in wrap else [part])]
+
+    cells = [[lines(i, c) for i, c in enumerate(row)] for row in [header, *rows]]
+    widths = [max(len(line) for row in cells for line in row[i]) for i in range(len(header))]
+    out = []
+    for row in cells:
+        for j in range(max(len(c) for c in row)):
+            out.append("  ".join((c[j] if j < len(c) else "").ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(out)
+
+
+def _fit(header: list[str], rows: list[list[str]], width: int | None, shares: dict[int, float]) -> dict[int, int]:
+    """Wrap widths for the columns in `shares` so that the table fits `width` (None: no wrapping)."""
+    if not width:
+        return {}
+    fixed = sum(max(len(r[c]) for r in [header, *rows]) for c in range(len(header)) if c not in shares)
+    room = max(width - fixed - 2 * (len(header) - 1), 20 * len(shares))
+    return {c: max(12, int(room * share)) for c, share in shares.items()}
+
+
+def params_table(section: str | None = None, params_path: str | Path | None = None,
+                 profile: str | None = None, width: int | None = None) -> str:
+    """`python -m pipeline params [SECTION]`: the keys of SECTION (all sections, or one `section.field`)
+    with type, default, the value params.yaml and the profile give where it differs, allowed values and
+    help; one line per key, or wrapped to `width` characters."""
+    if section:
+        part, _, name = section.partition(".")
+        if part not in SECTION_CLASSES:
+            raise ConfigError(f"unknown section '{part}'; sections: {', '.join(SECTION_CLASSES)}")
+        known = [f.name for f in fields(SECTION_CLASSES[part])]
+        if name and name not in known:
+            raise ConfigError(f"unknown parameter '{section}'; {part} has {', '.join(known)}")
+    infos, source = param_infos(params_path, profile)
+    infos = [i for i in infos if not section or i.key == section or i.key.startswith(f"{section}.")]
+    differs = any(i.value != i.default for i in infos)
+    header = ["KEY", "TYPE", "DEFAULT", *(["VALUE"] if differs else []), "ALLOWED", "HELP"]
+    rows = [[i.key, i.type, yaml_text(i.default),
+             *([yaml_text(i.value) if i.value != i.default else ""] if differs else []), i.allowed, i.help]
+            for i in infos]
+    table = text_table(header, rows, _fit(header, rows, width, {len(header) - 2: 0.3, len(header) - 1: 0.7}))
+    if differs:
+        note = f"VALUE: what {source} gives, where it differs from the default"
+    else:
+        note = f"{source} leaves every value listed at its default" if source else "defaults of pipeline/config.py"
+    return (f"{table}\n\n{note}\nset one: -S KEY=VALUE on a stage's command line, or in params.yaml "
+            "(default < params.yaml < profile < experiment < -S)")
+
+
+def experiments_table(params_path: str | Path = "params.yaml", width: int | None = None) -> str:
+    """`python -m pipeline experiments` / `train -e`: each experiment of the params file with its
+    extensions, `set` overrides, seeds and the paper rows it fills."""
+    params = read_params(params_path)
+    experiments = params.get("experiments") or {}
+    if not experiments:
+        return f"{params_path} defines no experiments"
+    rows = []
+    for name, spec in experiments.items():
+        spec = spec or {}
+        sets = "\n".join(f"{k}={yaml_text(v)}" for k, v in flatten(spec.get("set") or {}).items())
+        paper = "\n".join(f"Table {r.get('table')}: {r.get('label')}" for r in spec.get("rows") or []
+                          if isinstance(r, dict))
+        rows.append([name, " ".join(spec.get("extensions") or []) or "-", sets or "-",
+                     " ".join(map(str, experiment_seeds(params, name))), paper])
+    header = ["EXPERIMENT", "EXTENSIONS", "SET", "SEEDS", "PAPER ROW"]
+    extensions = "; ".join(f"{ext}: {', '.join(f'{k}={v}' for k, v in over.items())}"
+                           for ext, over in EXTENSIONS.items())
+    return (f"{text_table(header, rows, _fit(header, rows, width, {4: 1.0}))}\n\n"
+            f"extensions: {extensions}\n"
+            "train one: python -m pipeline train -e NAME (to runs/NAME/s<seed>); "
+            "every parameter: python -m pipeline params")

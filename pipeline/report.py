@@ -1,6 +1,6 @@
 """The report stage: the paper's four tables and the figures, ours beside the paper's.
 
-Read-only: it reads what earlier stages wrote (runs/<exp>/s<seed>/ dev_predictions.csv,
+Read-only: it reads what earlier stages wrote (runs/study/<exp>/s<seed>/ dev_predictions.csv,
 metrics.json, history.json, steps.jsonl, record.json, predictions/*-test-output.csv;
 models/mlm/metrics.json; data/prepared/report.json) and the paper's numbers
 (reports/paper_results.csv), and never loads a model or runs inference (tests/test_report.py
@@ -9,8 +9,10 @@ Writes reports/tables/table{1..4}.{md,csv,tex}, reports/figures/*.png,
 reports/test_predictions/ (Table 3's leaderboard files, copied from the run that made them)
 and reports/REPORT.md. A run that is missing shows as missing; the report never needs all of them.
 
-Each experiment's runs are those of its seeds (`experiments.<exp>.seeds`, else the global
-`seeds`: pipeline.config.experiment_seeds).
+The study is the experiments dvc.yaml trains (those named in `train_groups`); other experiments
+of params.yaml (the quality candidates, ad-hoc ones) are not read. Each experiment's runs are
+those of its seeds (`seeds`, plus `extra_seeds` for train_groups.seeded:
+pipeline.config.experiment_seeds).
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ import pandas as pd
 
 from pipeline import io as pio
 from pipeline import report_figures as figs
-from pipeline.config import experiment_seeds, load_config, read_params
+from pipeline.config import experiment_seeds, load_config, read_params, study_dir
 from pipeline.errors import ConfigError
+from pipeline.report_dvc import write_dvc_views
 from pipeline.report_stats import (
     GN_ALPHA_TOL,
-    METRIC_OF_TASK,
     Bootstrap,
     canonical_ids,
     compare_gradnorm_alphas,
@@ -41,6 +43,7 @@ from pipeline.report_stats import (
     read_dev_predictions,
 )
 from pipeline.report_tables import (
+    LEARN_METRICS,
     METRIC_NAMES,
     Row,
     attach,
@@ -58,14 +61,16 @@ from pipeline.report_tables import (
     table_rows,
     to_frame,
 )
-from pipeline.report_text import write_report_md
+from pipeline.report_text import task_list, write_report_md
+from pipeline.tasks import MULTITASK, MULTITASK_METRICS, TASK_OF_METRIC
 
 log = logging.getLogger(__name__)
 
 FIGURES = ("ablation_scores.png", "alpha_sensitivity.png", "dev_curves.png", "gradnorm_weights.png",
            "pcgrad_conflicts.png", "ours_vs_paper.png", "table1_sentiment.png")
 TEST_FILE = "{task}-test-output.csv"
-TEST_TASKS = ("sst", "para", "sts")  # the leaderboard's tasks; para only where the data has a Quora test file
+TEST_TASKS = MULTITASK  # the leaderboard's tasks; each only where the prepared data has its test split
+HEADLINE_METRICS = ("avg", *MULTITASK_METRICS)  # Table 2's figure and Table 3's columns
 
 
 @dataclass(frozen=True)
@@ -155,11 +160,23 @@ def read_run(exp: str, seed: int, run_dir: Path) -> Run | None:
                _read_json(run_dir / "record.json", {}))
 
 
+def study_experiments(params: dict) -> list[str]:
+    """The study's experiments in params.yaml order: those a train_groups list names (what dvc.yaml
+    trains); every experiment when params.yaml has no train_groups."""
+    experiments = list(params.get("experiments") or {})
+    groups = params.get("train_groups")
+    if not isinstance(groups, dict):
+        return experiments
+    named = {n for group, names in groups.items() if group != "seeded" for n in names or []}
+    return [e for e in experiments if e in named]
+
+
 def collect_runs(runs_dir: Path, params: dict) -> tuple[dict, list, dict]:
     """({experiment: [Run per evaluated seed]}, the (experiment, seed) pairs not evaluated yet,
-    {experiment: its seeds}); each experiment's seeds from pipeline.config.experiment_seeds."""
+    {experiment: its seeds}) for the study's experiments (study_experiments); each experiment's
+    seeds from pipeline.config.experiment_seeds."""
     found, missing, planned = {}, [], {}
-    for exp in params.get("experiments") or {}:
+    for exp in study_experiments(params):
         planned[exp] = experiment_seeds(params, exp)
         for seed in planned[exp]:
             run = read_run(exp, seed, Path(runs_dir) / exp / f"s{seed}")
@@ -174,8 +191,8 @@ def collect_runs(runs_dir: Path, params: dict) -> tuple[dict, list, dict]:
 
 
 def _steps_of(run: Run) -> int | None:
-    """Optimizer steps: metrics.json `steps`, else the lines of steps.jsonl (one per optimizer step)."""
-    value = run.metrics.get("steps")
+    """Optimizer steps: the run record's (older runs: metrics.json's), else the lines of steps.jsonl."""
+    value = (run.record.get("metrics") or {}).get("steps", run.metrics.get("steps"))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return int(value)
     return len(run.steps) if run.steps is not None else None
@@ -185,12 +202,13 @@ def run_facts(run: Run) -> dict:
     """What a run was, from its record and metrics; older records lack some fields (defaults noted)."""
     config = run.record.get("config") or {}
     model, train = config.get("model") or {}, config.get("train") or {}
-    n_dev = run.metrics.get("n_dev")
-    if not isinstance(n_dev, dict):  # older metrics.json: count what dev_predictions.csv holds
+    n_dev = (run.record.get("evaluation") or {}).get("n_dev", run.metrics.get("n_dev"))
+    if not isinstance(n_dev, dict):  # older runs: count what dev_predictions.csv holds
         n_dev = {t: len(f) for t, f in run.preds.items()}
     return {"experiment": run.experiment, "seed": run.seed,
             "freeze_layers": int(model.get("freeze_layers", 0) or 0), "mode": model.get("mode", "finetune"),
-            "precision": str(run.metrics.get("precision") or train.get("precision") or "fp32"),
+            "precision": str((run.record.get("metrics") or {}).get("precision") or run.metrics.get("precision")
+                             or train.get("precision") or "fp32"),
             "steps": _steps_of(run), "n_dev": dict(n_dev), "eval_limit": train.get("eval_limit"),
             "gn_alpha": train.get("gn_alpha"), "gn_lr": train.get("gn_lr"), "balancer": train.get("balancer")}
 
@@ -209,12 +227,12 @@ def run_report(params_path: str | Path = "params.yaml", out_dir: str | Path = "r
     params = read_params(params_path)
     settings = Settings.from_params(params.get("report"), source=str(params_path))
     cfg = load_config(params_path, profile=profile)
-    experiments = params.get("experiments") or {}
+    experiments = {e: (params.get("experiments") or {})[e] for e in study_experiments(params)}
     out_dir = Path(out_dir)
     paper = read_paper_results(settings.paper_results)
     boot = Bootstrap(settings.n_boot, settings.ci, settings.seed)
 
-    runs, missing, planned = collect_runs(Path(cfg.tracking.runs_dir), params)
+    runs, missing, planned = collect_runs(study_dir(cfg.tracking.runs_dir), params)
     facts = {exp: [run_facts(r) for r in rs] for exp, rs in runs.items()}
     all_preds = [r.preds for rs in runs.values() for r in rs]
     ids = canonical_ids(all_preds)
@@ -248,6 +266,7 @@ def run_report(params_path: str | Path = "params.yaml", out_dir: str | Path = "r
     gn_check = compare_gradnorm_alphas({a: {r.seed: r.steps for r in rs if r.steps is not None}
                                         for a, (_, rs) in alphas.items()}, GN_ALPHA_TOL)
     written += write_figures(fig_dir, tables, majority, runs, facts, alphas)
+    written += write_dvc_views(out_dir, tables, refs, runs)
 
     profile_name = profile or os.environ.get("MINBERT_PROFILE") or params.get("profile")
     context = dict(profile=profile_name, params=params, cfg=cfg, settings=settings, planned=planned, runs=runs,
@@ -265,8 +284,8 @@ def score_legend(settings: Settings) -> str:
             f"Seeds: how many) [{settings.ci:.0%} bootstrap interval over dev examples]; paper = as published. "
             "The bootstrap covers the sampling of dev examples, the ± std training randomness. "
             "Majority class: the most frequent label of the scored dev examples. A row marked "
-            "\"did not learn\" has the lower end of its interval on SST, Quora or CFIMDB accuracy at or below "
-            "the majority-class rate.")
+            f"\"did not learn\" has the lower end of its interval on {task_list(LEARN_METRICS, 'or')} accuracy at or "
+            "below the majority-class rate.")
 
 
 def difference_legend(settings: Settings, ref: str) -> str:
@@ -293,7 +312,7 @@ def gradnorm_alphas(rows4: list[Row], runs: dict, facts: dict, params_path, prof
 def write_figures(fig_dir: Path, tables: dict, majority: dict, runs: dict, facts: dict, alphas: dict) -> list[Path]:
     """Every figure of REPORT.md; one whose data is missing says so instead of failing."""
     fig_dir.mkdir(parents=True, exist_ok=True)
-    main_metrics = [m for m in ("avg", "sst_acc", "para_acc", "sts_corr") if m in table_metrics(tables[2])]
+    main_metrics = [m for m in HEADLINE_METRICS if m in table_metrics(tables[2])]
     figs.ablation_scores(tables[2], majority, main_metrics, fig_dir / "ablation_scores.png",
                          "Table 2: dev scores per ablation")
     figs.ablation_scores(tables[1], majority, table_metrics(tables[1]), fig_dir / "table1_sentiment.png",
@@ -317,9 +336,8 @@ def write_figures(fig_dir: Path, tables: dict, majority: dict, runs: dict, facts
 
 def did_not_learn_experiments(tables: dict, runs: dict) -> set[str]:
     """The experiments behind a row's did-not-learn task (a Table 1 row has one experiment per task)."""
-    task_of = {m: t for t, m in METRIC_OF_TASK.items()}
     return {e for rows in tables.values() for row in rows for m in row.did_not_learn for e in row.experiments
-            if any(task_of.get(m) in r.preds for r in runs.get(e, []))}
+            if any(TASK_OF_METRIC.get(m) in r.preds for r in runs.get(e, []))}
 
 
 def _write_table(stem: Path, md: str, frame: pd.DataFrame, display: pd.DataFrame, caption: str) -> list[Path]:
@@ -357,15 +375,15 @@ def copy_test_predictions(run: Run, prepared_dir: str, out: Path) -> dict:
     config = run.record.get("config") or {}
     tasks = [t for t in ((config.get("train") or {}).get("tasks") or TEST_TASKS) if t in TEST_TASKS]
     files, missing, absent = [], [], []
-    no_quora_test = Path(prepared_dir).is_dir() and not (Path(prepared_dir) / "para-test.safetensors").exists()
+    prepared = Path(prepared_dir)
     for task in tasks:
         src = run.run_dir / "predictions" / TEST_FILE.format(task=task)
         if src.exists():
             dst = out / src.name
             pio.write_with(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
             files.append(dst)
-        elif task == "para" and no_quora_test:
-            absent.append(task)  # the data has no Quora test file: nothing to predict
+        elif prepared.is_dir() and not (prepared / f"{task}-test.safetensors").exists():
+            absent.append(task)  # the data has no test file for the task (Quora's is optional): nothing to predict
         else:
             missing.append(task)
     if missing:
@@ -378,7 +396,7 @@ def table3(paper: pd.DataFrame, rows2: list[Row], settings: Settings, runs: dict
            out_dir: Path) -> dict:
     """The paper's test row; our dev scores of its model and of our best Table 2 model, whose
     test-set predictions (labels are not public) the evaluate stage wrote in the leaderboard format."""
-    metrics = ["avg", "sst_acc", "para_acc", "sts_corr"]
+    metrics = list(HEADLINE_METRICS)
     name = METRIC_NAMES[settings.best_metric]
     best = best_row(rows2, settings.best_metric)
     lines = []

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import io as pio
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, study_dir
 from pipeline.data import tokenizer_info
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
@@ -41,7 +41,9 @@ def load_trained(run_dir: Path, device):
 
 
 def run_evaluate(cfg, run_dir: Path | None = None) -> dict:
-    """Score the best checkpoint on the full dev sets; write metrics.json and prediction files."""
+    """Score the best checkpoint on the full dev sets; write metrics.json and prediction files.
+
+    Returns the scores plus `n_dev` (dev rows per task), which the file leaves to record.json."""
     run_dir = Path(run_dir or cfg.run_dir)
     device = pick_device(cfg.train.device)
     model, trained_cfg = load_trained(run_dir, device)
@@ -61,28 +63,36 @@ def run_evaluate(cfg, run_dir: Path | None = None) -> dict:
             write_leaderboard_file(out / f"{t}-test-output.csv", t, test.ids,
                                    predict(model, test, pad_id, batch, device))
     write_dev_predictions(run_dir / "dev_predictions.csv", dev, preds)
-    record = pio.read_json(run_dir / "record.json") if (run_dir / "record.json").exists() else {}
-    ran = record.get("metrics") or {}
-    metrics = {**scores, "n_dev": {t: len(d) for t, d in dev.items()}, "seed": trained_cfg.train.seed,
-               "experiment": trained_cfg.name, "precision": model.precision, "freeze_layers": model.frozen_layers,
-               "steps": ran.get("steps")}
+    # metrics.json holds scores only (what `dvc metrics` and `dvc exp show` list); a single-task run has no
+    # `avg` (it would be its one task's score under another name). What the evaluation ran on goes to the record.
+    combined = () if len(tasks) > 1 else ("avg", "leaderboard_avg")
+    metrics = {k: v for k, v in scores.items() if k not in combined}
     pio.write_json(run_dir / "metrics.json", metrics)
+    record_path = run_dir / "record.json"
+    if record_path.exists():
+        record = pio.read_json(record_path)
+        record["evaluation"] = {"n_dev": {t: len(d) for t, d in dev.items()}, "precision": model.precision,
+                                "freeze_layers": model.frozen_layers,
+                                "test_predictions": bool(cfg.eval.test_predictions)}
+        pio.write_json(record_path, record)
     log.info("%s dev: %s", trained_cfg.name,
              " ".join(f"{k}={v:.4f}" for k, v in scores.items() if isinstance(v, float)))
-    return metrics
+    return {**metrics, "n_dev": {t: len(d) for t, d in dev.items()}}
 
 
-def run_summary(runs_dir: str = "runs") -> str:
-    """A plain-text table of every run's dev metrics (printed after `make repro`)."""
+def run_summary(runs_dir: str | Path = "runs") -> str:
+    """A plain-text table of every study run's dev metrics (printed after `make repro`)."""
+    from pipeline.tasks import TASKS
+
+    keys = [t.metric for t in TASKS.values()] + ["avg"]
     rows = []
-    for path in sorted(Path(runs_dir).glob("*/s*/metrics.json")):
+    for path in sorted(study_dir(runs_dir).glob("*/s*/metrics.json")):
         m = pio.read_json(path)
-        rows.append((m.get("experiment", path.parent.parent.name), m.get("seed"),
-                     *(m.get(k) for k in ("sst_acc", "para_acc", "sts_corr", "cfimdb_acc", "avg"))))
+        rows.append((path.parent.parent.name, path.parent.name.removeprefix("s"), *(m.get(k) for k in keys)))
     if not rows:
-        return "no evaluated runs yet"
+        return f"no evaluated runs under {study_dir(runs_dir)} yet"
     fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    header = ("experiment", "seed", "sst_acc", "para_acc", "sts_corr", "cfimdb_acc", "avg")
+    header = ("experiment", "seed", *keys)
     table = [header] + [tuple(fmt(v) for v in r) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, make_tiny_backbone, write_micro_data
-from pipeline.report import FIGURES
+from pipeline.report import FIGURES, study_experiments
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_repro_writes_every_table_and_figure(repo):
     from pipeline.config import experiment_seeds
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    n_runs = sum(len(experiment_seeds(params, e)) for e in params["experiments"])
+    n_runs = sum(len(experiment_seeds(params, e)) for e in study_experiments(params))
     assert n_runs == 21  # 17 experiments, two of them under two extra seeds
     assert "| missing" not in (out / "tables" / "table2.md").read_text()
     assert f"Runs evaluated: {n_runs} of {n_runs}" in report

@@ -64,7 +64,7 @@ def test_paper_profile_prepare_train_evaluate(tmp_path, bert_base_random):
     res = _cli("train", "-e", EXPERIMENT, "--evaluate", *common)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    run = tmp_path / "runs" / EXPERIMENT / "s11711"
+    run = tmp_path / "runs" / "adhoc" / EXPERIMENT / "s11711"  # --profile: not the study folder
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("sst_acc", "para_acc", "sts_corr"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (key, metrics)

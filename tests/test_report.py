@@ -232,6 +232,18 @@ def test_report_has_every_table_row_figure_and_majority(study, prepared):
     # Every GN run logged the same weights whatever its alpha: the report says alpha did not matter.
     assert result["gradnorm"]["max_trajectory_diff"] == 0 and not result["gradnorm"]["differ"]
     assert "Alpha did not matter within this run length" in report
+    # What DVC's views read: a few headline numbers, and the data of the top-level plots.
+    headline = json.loads((out / "metrics.json").read_text())
+    assert set(headline) == {"table1", "table2", "table4"}
+    assert headline["table2"]["avg_best"] == pytest.approx(t2.loc["Baseline + Cos + ReLU + Loop", "avg"], abs=1e-4)
+    assert headline["table2"]["avg_reference"] == pytest.approx(t2.loc["Baseline", "avg"], abs=1e-4)
+    assert headline["table2"]["avg_reference"] <= headline["table2"]["avg_mean"] <= headline["table2"]["avg_best"]
+    assert all(isinstance(v, float) for block in headline.values() for v in block.values())  # metrics only
+    scores = json.loads((out / "plots" / "scores.json").read_text())
+    assert {r["experiment"] for r in scores} >= {"baseline", "cos_relu_loop"}
+    curves = json.loads((out / "plots" / "dev_curves.json").read_text())
+    assert {c["run"] for c in curves} == {f"{e}/s11711" for e in study_experiments(params)}
+    assert {c["epoch"] for c in curves} == {1, 2}
 
 
 def test_missing_runs_show_as_missing(study, prepared):
