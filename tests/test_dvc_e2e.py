@@ -55,6 +55,7 @@ def repo(tmp_path_factory) -> Path:
     for cmd in (["git", "init", "-q"], [str(DVC), "init", "-q"]):
         res = _run(repo, *cmd)
         assert res.returncode == 0, res.stderr
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # dvc.yaml's plot templates
     t0 = time.time()
     res = _run(repo, str(DVC), "repro")
     print(f"first dvc repro: {time.time() - t0:.0f} s")
@@ -104,7 +105,17 @@ def test_second_repro_does_nothing(repo):
 def test_metrics_and_plots_are_declared(repo):
     res = _run(repo, str(DVC), "metrics", "show", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "sst_acc" in res.stdout and "cos_relu_gn_mlm_loop" in res.stdout
+    metrics = json.loads(res.stdout)
+    metrics = metrics[""]["data"] if "" in metrics else metrics  # keyed by revision ("": the workspace)
+    assert list(metrics) == ["reports/metrics.json"]  # the headline file only, not 21 per-run files
+    assert set(metrics["reports/metrics.json"]["data"]) == {"table1", "table2", "table4"}
+    res = _run(repo, str(DVC), "plots", "show", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    plots = json.loads(res.stdout)
+    # one chart of every run's curve, four of the experiments' scores, and the report's figures
+    assert any("Dev avg per epoch" in name for name in plots), list(plots)
+    assert sum("by experiment" in name for name in plots) == 4, list(plots)
+    assert any(name.endswith("dev_curves.png") for name in plots), list(plots)
     res = _run(repo, str(DVC), "plots", "show", "-o", str(repo / "plots_html"))
     assert res.returncode == 0, res.stderr[-2000:]
 

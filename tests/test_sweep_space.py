@@ -39,7 +39,7 @@ def test_space_covers_the_switches_and_the_model_and_train_parameters(space):
     # The switches come from the config's one list: every extension that is not a balancer value.
     assert SWITCHES == tuple(e for e, implied in EXTENSIONS.items() if "train.balancer" not in implied)
     assert space.switches == ["relu", "cos", "loop", "mlm"]
-    keys = {p.key for p in space.params}
+    keys = {p.key for p in space.params} | set(space.fixed)  # searched, or pinned for the cpu study
     assert keys >= {"train.balancer", "train.gn_alpha", "model.pooling", "model.cos_target", "model.pair_features",
                     "model.para_head", "train.lr", "train.head_lr", "train.lr_schedule", "train.warmup_ratio",
                     "model.dropout", "train.batch_size", "train.epochs"}
@@ -50,7 +50,8 @@ def test_space_covers_the_switches_and_the_model_and_train_parameters(space):
     assert by["train.batch_size"].choices and all(isinstance(b, int) for b in by["train.batch_size"].choices)
     # The cpu study keeps the profile's frozen prefix: another k needs another prefix cache.
     assert space.fixed["model.freeze_layers"] == compose_cpu({}).model.freeze_layers
-    assert space.max_epochs == max(by["train.epochs"].choices)
+    epochs = by["train.epochs"].choices if "train.epochs" in by else [space.fixed["train.epochs"]]
+    assert space.max_epochs == max(epochs)
 
 
 def every_key() -> list[str]:
