@@ -82,6 +82,7 @@ class Settings:
     seed: int
     best_metric: str
     reference: dict
+    sweep_summary: str  # the latest committed sweep study's SUMMARY.md, linked from REPORT.md
 
     @classmethod
     def from_params(cls, block, source: str = "params.yaml") -> "Settings":
@@ -98,7 +99,7 @@ class Settings:
             raise ConfigError(f"{', '.join('report.' + n for n in missing)} missing in {source} "
                               "(the report stage takes its settings from the report block only)")
         kinds = {"paper_results": (str,), "n_boot": (int,), "ci": (int, float), "seed": (int,),
-                 "best_metric": (str,), "reference": (dict,)}
+                 "best_metric": (str,), "reference": (dict,), "sweep_summary": (str,)}
         for name, kind in kinds.items():
             value = block[name]
             if isinstance(value, bool) or not isinstance(value, kind):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -245,6 +246,8 @@ def write_report_md(path: Path, c: dict) -> Path:
          f"under `{cfg.tracking.runs_dir}/` and the paper's numbers in `{settings.paper_results}`. Do not edit._", ""]
     L += ["## This study", "",
           f"- Profile `{c.get('profile')}`; backbone {_backbone_facts(cfg.model.backbone)}.",
+          f"- The latest hyperparameter sweep (Optuna, `reports/sweeps/`): [its summary]"
+          f"({os.path.relpath(settings.sweep_summary, c['out_dir'])}) (`report.sweep_summary`).",
           f"- Runs evaluated: {n_runs} of {total} ({_seed_summary(c['planned'], runs)})."
           + (f" Missing: {', '.join(f'{e}/s{s}' for e, s in c['missing'])} (shown as missing)."
              if c["missing"] else ""),
