@@ -112,6 +112,7 @@ def test_metrics_and_plots_are_declared(repo):
     res = _run(repo, str(DVC), "plots", "show", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     plots = json.loads(res.stdout)
+    plots = plots.get("data", plots)  # {"data": {plot id: ...}} in DVC 3
     # one chart of every run's curve, four of the experiments' scores, and the report's figures
     assert any("Dev avg per epoch" in name for name in plots), list(plots)
     assert sum("by experiment" in name for name in plots) == 4, list(plots)
