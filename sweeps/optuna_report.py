@@ -39,6 +39,14 @@ SCORES = ("avg", "avg_lo", "avg_hi", "sst_acc", "para_acc", "sts_corr", "selecti
 EXPECTED_AT = (1, 2, 5, 10, 20, 40, 80)
 
 
+
+def _repo_relative(path) -> str:
+    """A path under the working directory as a relative one (no machine's absolute path in a committed summary)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError, TypeError):
+        return str(path)
+
 def experiment_key(study: str) -> str:
     """The params.yaml experiment the best trial becomes."""
     return "sweep_" + re.sub(r"[^A-Za-z0-9_]", "_", study)
@@ -323,7 +331,7 @@ def summary_page(study, spec, base: dict, rows: list[dict], params: list[str], b
             + (f", experiment `{spec.base_experiment}`" if spec.base_experiment else "")
             + (f", sweep overrides `{' '.join(spec.overrides)}` (not part of the best params)" if spec.overrides
                else ""),
-            f"- Space: `{base.get('space', spec.space)}`; pruner: "
+            f"- Space: `{_repo_relative(base.get('space', spec.space))}`; pruner: "
             + (describe(base["pruner"]) if base.get("pruner") else "not recorded"),
             "- Objective: dev `avg` (mean of sst_acc, para_acc, sts_corr) of the best epoch's weights on "
             + ("the full dev sets" if not objective.get("dev_limit") else f"{objective['dev_limit']} dev rows a task")
