@@ -90,6 +90,13 @@ def test_every_key_refuses_a_bad_value_in_one_line_naming_it(tmp_path, key):
 
 
 @pytest.mark.parametrize("body, named", [
+    ("search_space: {train.nope: [1, 2]}", "train.nope"),
+    ("search_space: {train.balancer: [sum, nosuch]}", "train.balancer"),
+    ("search_space: {train.lr: {low: 0.0, high: 1.0e-3, log: true}}", "train.lr"),
+    ("search_space: {train.gn_alpha: {low: 0.0, high: 3.0, when: {train.balancer: gradnorm}}, "
+     "train.balancer: [sum]}", "when"),
+    ("search_space: {extensions: [relu, gn], train.lr: [1.0e-3]}", "gn"),
+    ("sampler: {seed: -1}\nsearch_space: {train.lr: [1.0e-3]}", "sampler"),
     ("search_space: {train.gn_alpha: {low: 0.0, high: 3.0, when: {train.balancer: nosuch}}, "
      "train.balancer: [sum]}", "train.balancer"),  # 'when' names a later key
     ("search_space: {train.balancer: [sum, pcgrad], "

@@ -103,26 +103,6 @@ def test_default_space_covers_every_switch_and_balancer(make_cfg):
     assert "model.init_from" not in chosen and "train.gn_alpha" not in chosen
 
 
-@pytest.mark.parametrize("body, named", [
-    ("search_space: {train.nope: [1, 2]}", "train.nope"),
-    ("search_space: {train.balancer: [sum, nosuch]}", "train.balancer"),
-    ("search_space: {train.lr: {low: 0.0, high: 1.0e-3, log: true}}", "train.lr"),
-    ("search_space: {train.gn_alpha: {low: 0.0, high: 3.0, when: {train.balancer: gradnorm}}, "
-     "train.balancer: [sum]}", "when"),
-    ("search_space: {extensions: [relu, gn], train.lr: [1.0e-3]}", "gn"),
-    ("sampler: {seed: -1}\nsearch_space: {train.lr: [1.0e-3]}", "sampler"),
-])
-def test_bad_space_file_is_one_line_error_naming_it(tmp_path, body, named):
-    from pipeline.errors import ConfigError
-    from sweeps.space import load_space
-
-    path = tmp_path / "bad.yaml"
-    path.write_text(body + "\n")
-    with pytest.raises(ConfigError) as err:
-        load_space(path, compose_cpu)
-    assert str(path) in str(err.value) and named in str(err.value) and "\n" not in str(err.value)
-
-
 def test_sampler_is_seeded_per_worker_and_per_resume(space_file):
     import optuna
 
