@@ -105,12 +105,15 @@ bench: $(VENV)/.bench-installed
 quality: install
 	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
 
-# DVC experiments side by side in a terminal: the study's headline numbers (reports/metrics.json)
-# and the params people change. DVC has no setting for the columns of `dvc exp show`; without the
-# filter it lists every param and code dependency (~240 columns).
-EXP_COLUMNS ?= ^(Experiment|Created|State|profile|seeds|extra_seeds|table[0-9]+\..*)$$
+# DVC experiments side by side without a pager: each study experiment's dev avg (reports/metrics.json)
+# and the params people change. Plain `dvc exp show` opens the same columns first in its pager, then
+# every param and code dependency (~270 columns: DVC has no setting for them), which `--no-pager`
+# squeezes into a terminal until nothing is left.
+EXP_COLUMNS ?= ^(Experiment|Created|State|profile|seeds|extra_seeds|avg\..*)$$
 exp-show: install
-	$(VENV)/bin/dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_ARGS)
+	$(VENV)/bin/dvc exp show --no-pager --precision 3 --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_ARGS)
 
+# Everything built or trained; git-tracked results (runs/study/*/metrics.json, history.json) stay.
 clean:
-	rm -rf $(VENV) data/prepared data/prefix data/quality runs models
+	rm -rf $(VENV) data/prepared data/prefix data/quality models
+	git clean -fdXq runs

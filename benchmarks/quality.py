@@ -1,21 +1,26 @@
 """`python -m benchmarks.quality`: dev quality on the embedded default, against a frozen-backbone probe.
 
 Everything comes from params.yaml. The candidates are experiments (`quality.candidates`, plus any
-`--experiment NAME`), each composed by pipeline.config.load_config under the profile
-`quality.profile` (plus `-S` overrides) and trained under each of `quality.seeds` (`--seeds N`: the
-first N) as a real pipeline run (`python -m pipeline train -e NAME --seed S --evaluate`), timed and
-scored on full dev. The `quality:` block holds what is not an experiment: the bar, the time
-budget, the probe settings and the pair of candidates compared.
+`--experiment NAME`), each composed by pipeline.config.load_config under its profile
+(`quality.profiles.NAME`, else `--profile`, else `quality.profile`; plus `-S` overrides) and trained
+under each of `quality.seeds` (`--seeds N`: the first N) as a real pipeline run (`python -m pipeline
+train -e NAME --seed S --evaluate`), timed and scored on full dev. A recipe is its experiment on its
+profile: the sweep's best params were searched on the cpu profile's budget and frozen prefix, so
+they are trained there, beside a hand-picked recipe that trains every layer for longer. The
+`quality:` block holds what is not an experiment: the bar, the time budget, the probe settings
+and the pair of candidates compared.
 
 The probe is what the backbone knows before any fine-tuning: per task of the multitask set, a
 logistic regression on frozen sentence embeddings (a classification), on Sentence-BERT pair
 features (a binary pair task) or the zero-shot cosine (a score task).
 
-Results merge into reports/quality.json by candidate and seed (a candidate whose composed config
-changed starts its runs afresh); reports/quality.md is rendered from it: per candidate the mean ±
-std over seeds beside the bar, and a paired comparison of two candidates with the report's
-intervals (pipeline.report_stats: a paired bootstrap over the dev rows, each replicate the mean
-over seeds, and a Welch t interval over the seeds).
+Results merge into reports/quality.json by candidate and seed: a seed already stored for the same
+composed config is kept, not retrained (so a stopped check resumes where it stopped; `--retrain`
+trains it again), and a candidate whose composed config changed starts its runs afresh.
+reports/quality.md is rendered from it: per candidate the mean ± std over seeds beside the bar,
+and a paired comparison of two candidates with the report's intervals (pipeline.report_stats: a
+paired bootstrap over the dev rows, each replicate the mean over seeds, and a Welch t interval
+over the seeds).
 
 With `-S model.freeze_layers=K` the runs take the frozen-prefix fast path: the prefix cache (in the
 profile's data.prefix_dir, never the study's) is built once before training, with the
@@ -48,13 +53,15 @@ SHOWN = (*METRICS, "avg")    # the columns of quality.md
 SCHEMA_VERSION = 2
 # Config fields that do not change what a run learns (left out when deciding whether stored runs still apply).
 NOT_RECIPE = ("seed", "device", "threads", "checkpoint_every")
-SPEC_KEYS = ("profile", "candidates", "seeds", "compare", "bar", "budget_minutes", "probe")
+SPEC_KEYS = ("profile", "profiles", "candidates", "seeds", "compare", "bar", "budget_minutes", "probe")
+OPTIONAL_KEYS = ("compare", "profiles")
 
 
 @dataclass
 class Spec:
     """params.yaml's `quality:` block."""
     profile: str
+    profiles: dict  # candidate -> the profile it trains under, where not `profile`
     candidates: list[str]
     seeds: list[int]
     compare: list[str]
@@ -76,7 +83,7 @@ def read_spec(params: dict, source: str = "params.yaml") -> Spec:
     unknown = sorted(set(block) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(f"{source}: quality.{unknown[0]} is unknown; known: {', '.join(SPEC_KEYS)}")
-    missing = [k for k in SPEC_KEYS if k != "compare" and block.get(k) is None]
+    missing = [k for k in SPEC_KEYS if k not in OPTIONAL_KEYS and block.get(k) is None]
     if missing:
         raise ConfigError(f"{source}: quality.{missing[0]} is missing")
     experiments = params.get("experiments") or {}
@@ -87,6 +94,17 @@ def read_spec(params: dict, source: str = "params.yaml") -> Spec:
         if name not in experiments:
             raise ConfigError(f"{source}: quality.candidates: '{name}' is not an experiment "
                               f"(params.yaml defines {', '.join(experiments) or 'none'})")
+    profiles = block.get("profiles") or {}
+    known_profiles = params.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{source}: quality.profiles must map candidate names to profiles")
+    for name, prof in profiles.items():
+        if name not in candidates:
+            raise ConfigError(f"{source}: quality.profiles.{name}: not one of quality.candidates "
+                              f"({', '.join(candidates)})")
+        if prof not in known_profiles:
+            raise ConfigError(f"{source}: quality.profiles.{name}={prof!r} is not a profile "
+                              f"(params.yaml defines {', '.join(known_profiles) or 'none'})")
     if not _ints(block["seeds"]) or len(set(block["seeds"])) != len(block["seeds"]):
         raise ConfigError(f"{source}: quality.seeds={block['seeds']!r} must be a list of distinct integers")
     bar = block["bar"]
@@ -112,7 +130,8 @@ def read_spec(params: dict, source: str = "params.yaml") -> Spec:
     if compare and (not isinstance(compare, list) or len(compare) != 2 or compare[0] == compare[1]
                     or not all(isinstance(c, str) for c in compare)):
         raise ConfigError(f"{source}: quality.compare={compare!r} must name two different candidates")
-    return Spec(str(block["profile"]), list(candidates), list(block["seeds"]), list(compare), dict(bar),
+    return Spec(str(block["profile"]), {str(k): str(v) for k, v in profiles.items()}, list(candidates),
+                list(block["seeds"]), list(compare), dict(bar),
                 float(budget), {"pair_train_rows": rows, "Cs": [float(c) for c in cs]})
 
 
@@ -430,18 +449,20 @@ def render(res: dict) -> str:
     titles = [METRIC_TITLES[m] for m in SHOWN]
     lines = ["# Quality on the embedded default", "",
              f"Generated by `make quality` (`python -m benchmarks.quality`) from `{res.get('params', 'params.yaml')}` "
-             f"(its `quality:` block; each candidate is an experiment there, trained under profile "
-             f"`{res.get('profile', '?')}`); last update {res.get('updated', '?')}. Full dev sets. A score is the mean "
+             f"(its `quality:` block; each candidate is an experiment there, trained under the profile its row "
+             f"names: `quality.profiles`, else `{res.get('profile', '?')}`); last update {res.get('updated', '?')}. "
+             "Full dev sets. A score is the mean "
              "over the candidate's seeds (± std across seeds with two or more); the bar is the one set for the best "
              f"candidate trained for at most {budget:g} minutes on this machine's CPU, and a candidate meets it when "
              "every mean does and its mean wall time fits the budget.", "",
-             "| run | seeds | " + " | ".join(titles) + " | train min | wall min | steps | meets bar |",
-             "|---|---:|" + "---:|" * (len(SHOWN) + 3) + "---|",
-             "| bar | | " + " | ".join(f"≥ {bar[m]:.2f}" if m in bar else "" for m in SHOWN)
+             "| run | profile | seeds | " + " | ".join(titles) + " | train min | wall min | steps | meets bar |",
+             "|---|---|---:|" + "---:|" * (len(SHOWN) + 3) + "---|",
+             "| bar | | | " + " | ".join(f"≥ {bar[m]:.2f}" if m in bar else "" for m in SHOWN)
              + f" | | ≤ {budget:g} | | |"]
     probe = res.get("probe")
     if probe:
-        lines.append("| frozen probe | – | " + " | ".join(_num(probe["scores"].get(m)) for m in SHOWN)
+        lines.append(f"| frozen probe | {res.get('profile', '?')} | – | "
+                     + " | ".join(_num(probe["scores"].get(m)) for m in SHOWN)
                      + f" | – | {probe['wall_s'] / 60:.1f} | – | – |")
     for name, cand in (res.get("candidates") or {}).items():
         if not cand.get("runs"):
@@ -449,7 +470,7 @@ def render(res: dict) -> str:
         v = verdicts(cand, bar, budget)
         marks = [_score(_points(cand, m)) + ("" if v.get(m, True) else " ✗") for m in SHOWN]
         runs = list(cand["runs"].values())
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(marks)
+        lines.append(f"| {name} | {cand.get('profile') or '?'} | {len(runs)} | " + " | ".join(marks)
                      + f" | {np.mean([r['train_s'] for r in runs]) / 60:.1f}"
                      + f" | {np.mean([r['wall_s'] for r in runs]) / 60:.1f}{'' if v.get('budget', True) else ' ✗'}"
                      + f" | {' / '.join(dict.fromkeys(str(r['steps']) for r in runs))}"
@@ -519,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     p.add_argument("--params", default="params.yaml",
                    help="params file with the `quality:` block (default: params.yaml)")
-    p.add_argument("--profile", default=None, help="profile the candidates train under (default: quality.profile)")
+    p.add_argument("--profile", default=None,
+                   help="profile the candidates train under, except those quality.profiles names "
+                        "(default: quality.profile)")
     p.add_argument("--only", nargs="*", default=None, metavar="NAME",
                    help="train only these candidates (comma- or space-separated; 'probe' for the probe); the rest of "
                         "quality.json stays")
@@ -538,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the frozen-prefix fast path)")
     p.add_argument("--runs-dir", default=None, help="where the runs go (default: <tracking.runs_dir>/quality)")
     p.add_argument("--out", default="reports", help="folder of quality.json and quality.md (default: reports)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train every asked seed again, even those quality.json already holds for the same config")
     p.add_argument("--render", action="store_true",
                    help="train nothing: recompute the comparison and rewrite quality.md from quality.json")
     return p
@@ -573,11 +598,15 @@ def main(argv: list[str] | None = None) -> int:
         if pair and (len(pair) != 2 or pair[0] == pair[1]):
             raise ConfigError(f"--compare {args.compare}: name two different candidates, A,B")
         profile = args.profile or spec.profile
+
+        def profile_of(name: str) -> str:
+            return spec.profiles.get(name) or profile
+
         overrides = list(args.overrides)
         cli = dict(parse_override(o) for o in overrides)
         # Every config composed, and so checked, before anything trains.
         base = load_config(args.params, profile=profile, overrides=overrides)
-        cfgs = {n: load_config(args.params, experiment=n, profile=profile, overrides=overrides)
+        cfgs = {n: load_config(args.params, experiment=n, profile=profile_of(n), overrides=overrides)
                 for n in wanted if n != "probe"}
         runs_dir = Path(args.runs_dir) if args.runs_dir else Path(base.tracking.runs_dir) / "quality"
         out = Path(args.out)
@@ -611,8 +640,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("probe: %s", res["probe"]["scores"])
             save()
         for name, cfg in cfgs.items():
-            entry = {"experiment": name, "profile": profile,
-                     "composition": {f"profile `{profile}` + experiment `{name}`": experiment_overrides(params, name),
+            entry = {"experiment": name, "profile": profile_of(name),
+                     "composition": {f"profile `{profile_of(name)}` + experiment `{name}`":
+                                     experiment_overrides(params, name),
                                      **({"-S": cli} if cli else {})},
                      "recipe": recipe(cfg)}
             old = res["candidates"].get(name) or {}
@@ -622,7 +652,10 @@ def main(argv: list[str] | None = None) -> int:
                          ", ".join(old["runs"]))
             res["candidates"][name] = {**entry, "runs": runs}
             for seed in seeds:
-                runs[str(seed)] = run_candidate(name, seed, args, profile, runs_dir / name / f"s{seed}")
+                if str(seed) in runs and not args.retrain:
+                    log.info("%s, seed %d: kept from %s (same config; --retrain trains it again)", name, seed, path)
+                    continue
+                runs[str(seed)] = run_candidate(name, seed, args, profile_of(name), runs_dir / name / f"s{seed}")
                 log.info("%s, seed %d: %s in %.1f min", name, seed, runs[str(seed)]["scores"],
                          runs[str(seed)]["wall_s"] / 60)
                 save()  # after every run: a stopped quality check keeps what finished

@@ -54,8 +54,17 @@ def load_tokenizer(name: str):
 
 def load_backbone(name: str):
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    return _from_pretrained(AutoModel, name, "model")
+    # transformers 5 draws a "Loading weights" bar on every load (each stage, run and test): the
+    # stages show their own progress, so it is off for the load and restored after.
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _from_pretrained(AutoModel, name, "model")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _full(x: torch.Tensor) -> torch.Tensor:

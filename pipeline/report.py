@@ -267,7 +267,7 @@ def run_report(params_path: str | Path = "params.yaml", out_dir: str | Path = "r
     gn_check = compare_gradnorm_alphas({a: {r.seed: r.steps for r in rs if r.steps is not None}
                                         for a, (_, rs) in alphas.items()}, GN_ALPHA_TOL)
     written += write_figures(fig_dir, tables, majority, runs, facts, alphas)
-    written += write_dvc_views(out_dir, tables, refs, runs)
+    written += write_dvc_views(out_dir, estimates, list(experiments), runs)
 
     profile_name = profile or os.environ.get("MINBERT_PROFILE") or params.get("profile")
     context = dict(profile=profile_name, params=params, cfg=cfg, settings=settings, planned=planned, runs=runs,
@@ -282,7 +282,8 @@ def run_report(params_path: str | Path = "params.yaml", out_dir: str | Path = "r
 
 def score_legend(settings: Settings) -> str:
     return (f"Scores: ours = mean over the experiment's seeds (± std across seeds where it has more than one; "
-            f"Seeds: how many) [{settings.ci:.0%} bootstrap interval over dev examples]; paper = as published. "
+            f"Seeds: how many) [{settings.ci:.0%} bootstrap interval over dev examples]; paper = as published "
+            "(— where the paper has no such row: a row of ours alone, such as the sweep's best recipe). "
             "The bootstrap covers the sampling of dev examples, the ± std training randomness. "
             "Majority class: the most frequent label of the scored dev examples. A row marked "
             f"\"did not learn\" has the lower end of its interval on {task_list(LEARN_METRICS, 'or')} accuracy at or "

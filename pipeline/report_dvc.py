@@ -1,10 +1,13 @@
 """What DVC's own views read: one headline metrics file and the data of dvc.yaml's top-level plots.
 
-`dvc exp show` lists the metrics files of the stages; the per-run metrics.json files are not
-declared as metrics (21 runs x 5 scores made a 325-column table), so the report stage writes one
-small file, reports/metrics.json: per table, the best, mean and reference row's dev `avg` (the
-paper's mean of SST accuracy, Quora accuracy and STS correlation; Table 1: its task accuracies),
-each a mean over seeds, so that two DVC experiments compare in a few columns.
+`dvc exp show` and `dvc metrics show/diff` list the metrics files of the stages; the per-run
+metrics.json files are not declared as metrics (21 runs x 5 scores made a 325-column table), so the
+report stage writes one small file, reports/metrics.json: each study experiment's headline dev score
+(a mean over its seeds, on full dev) under the metric's name, so that the study's experiments are
+the columns of `dvc exp show` and two DVC experiments (or commits) compare experiment by experiment:
+    {"avg": {"baseline": ..., "relu": ..., ...},            # multitask: mean of SST, Quora, STS
+     "sst_acc": {"sst_pretrain": ..., ...}, "cfimdb_acc": {...}}   # single-task: its task's metric
+`avg` comes first (DVC keeps the file's order), the experiments in params.yaml order.
 
 `dvc plots show` draws, from reports/plots/:
 - dev_curves.json: every run's per-epoch `avg` on the selection sample (train.eval_limit dev rows per
@@ -18,50 +21,38 @@ import math
 from pathlib import Path
 
 from pipeline import io as pio
-from pipeline.tasks import MULTITASK_METRICS
+from pipeline.tasks import MULTITASK_METRICS, TASKS
 
 HEADLINE = "avg"
+TASK_METRICS = {t.metric for t in TASKS.values()}
 
 
 def _score(value) -> float | None:
     return round(float(value), 4) if value is not None and math.isfinite(float(value)) else None
 
 
-def headline_metrics(tables: dict, refs: dict) -> dict:
-    """A few numbers per table that say how the study came out, each a seed mean on full dev:
-    {"table<t>": {"<metric>_best", "<metric>_mean" (over the table's rows), "<metric>_reference"
-    (the row the table's differences are against, report.reference)}} with <metric> `avg` where
-    the rows have it (multitask), else each task metric. Per-experiment scores: plots/scores.json."""
-    out: dict[str, dict[str, float]] = {}
-    for t in sorted(tables):
-        rows = [r for r in tables[t] if not r.missing]
-        metrics = [HEADLINE] if any(HEADLINE in r.ours for r in rows) else sorted({m for r in rows for m in r.ours})
-        block = {}
+def headline_metrics(estimates: dict, order: list[str]) -> dict:
+    """{metric: {experiment: score}}: `avg` for a multitask experiment, its task metric for a
+    single-task one; experiments in `order`, `avg` first. Experiments without runs are left out."""
+    out: dict[str, dict[str, float]] = {HEADLINE: {}}
+    for exp in order:
+        est = estimates.get(exp) or {}
+        metrics = [HEADLINE] if HEADLINE in est else [m for m in est if m in TASK_METRICS]
         for metric in metrics:
-            scores = [_score(r.ours[metric].point) for r in rows if metric in r.ours]
-            scores = [s for s in scores if s is not None]
-            if not scores:
-                continue
-            block[f"{metric}_best"] = max(scores)
-            block[f"{metric}_mean"] = round(sum(scores) / len(scores), 4)
-            ref = refs.get(t)
-            if ref is not None and metric in ref.ours and _score(ref.ours[metric].point) is not None:
-                block[f"{metric}_reference"] = _score(ref.ours[metric].point)
-        if block:
-            out[f"table{t}"] = block
-    return out
+            score = _score(est[metric].point)
+            if score is not None:
+                out.setdefault(metric, {})[exp] = score
+    return {m: block for m, block in out.items() if block}
 
 
-def score_rows(tables: dict) -> list[dict]:
-    """One row per multitask experiment: its full-dev scores (mean over seeds)."""
-    rows, seen = [], set()
-    for t in sorted(tables):
-        for row in tables[t]:
-            if row.missing or len(row.experiments) != 1 or HEADLINE not in row.ours or row.experiments[0] in seen:
-                continue
-            seen.add(row.experiments[0])
-            rows.append({"experiment": row.experiments[0], "table": t,
-                         **{m: _score(row.ours[m].point) for m in (HEADLINE, *MULTITASK_METRICS) if m in row.ours}})
+def score_rows(estimates: dict, order: list[str]) -> list[dict]:
+    """One row per multitask experiment (in `order`): its full-dev scores (mean over seeds)."""
+    rows = []
+    for exp in order:
+        est = estimates.get(exp) or {}
+        if HEADLINE in est:
+            rows.append({"experiment": exp, **{m: _score(est[m].point) for m in (HEADLINE, *MULTITASK_METRICS)
+                                                if m in est}})
     return rows
 
 
@@ -80,12 +71,12 @@ def curve_rows(runs: dict) -> list[dict]:
     return points
 
 
-def write_dvc_views(out_dir: Path, tables: dict, refs: dict, runs: dict) -> list[Path]:
+def write_dvc_views(out_dir: Path, estimates: dict, order: list[str], runs: dict) -> list[Path]:
     """reports/metrics.json and reports/plots/{dev_curves,scores}.json."""
     out_dir = Path(out_dir)
     metrics_path = out_dir / "metrics.json"
     curves, scores = out_dir / "plots" / "dev_curves.json", out_dir / "plots" / "scores.json"
-    pio.write_json(metrics_path, headline_metrics(tables, refs))
+    pio.write_json(metrics_path, headline_metrics(estimates, order))
     pio.write_json(curves, curve_rows(runs))
-    pio.write_json(scores, score_rows(tables))
+    pio.write_json(scores, score_rows(estimates, order))
     return [metrics_path, curves, scores]

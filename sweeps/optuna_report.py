@@ -317,6 +317,17 @@ def paired_rows(rows: list[dict], objective: dict, top: int = 5) -> list[dict]:
     return out
 
 
+def _profile_of(spec) -> str:
+    """The profile the trials composed under: --profile, else the params file's own `profile:` key."""
+    if spec.profile:
+        return spec.profile
+    try:
+        name = read_params(spec.params).get("profile")
+    except Exception:  # noqa: BLE001 - a summary still renders when the params file has gone
+        name = None
+    return f"{name} (the params file's `profile:`)" if name else "the params file's `profile:`"
+
+
 def summary_page(study, spec, base: dict, rows: list[dict], params: list[str], best, overrides: dict,
                  found: dict, why_not: str, curves: dict | None, figures: list[str], lines: tuple) -> str:
     from sweeps.storage import redact
@@ -327,7 +338,7 @@ def summary_page(study, spec, base: dict, rows: list[dict], params: list[str], b
     hours = sum(r["wall_s"] or 0.0 for r in rows) / 3600
     dvc_line, direct = lines
     out = [f"# Optuna study `{spec.study}`", ""]
-    out += [f"- Base: `{spec.params}`, profile `{spec.profile or 'from params.yaml'}`"
+    out += [f"- Base: `{spec.params}`, profile `{_profile_of(spec)}`"
             + (f", experiment `{spec.base_experiment}`" if spec.base_experiment else "")
             + (f", sweep overrides `{' '.join(spec.overrides)}` (not part of the best params)" if spec.overrides
                else ""),
@@ -426,7 +437,7 @@ def write_reports(study, spec) -> dict:
     best = study.best_trial
     overrides = dict(best.user_attrs.get("overrides", {}))
     header = (f"# Best trial of Optuna study '{spec.study}': trial {best.number}, full-dev avg {best.value:.4f}\n"
-              f"# (profile {spec.profile or 'from params.yaml'}, base experiment {spec.base_experiment or 'none'}"
+              f"# (profile {_profile_of(spec)}, base experiment {spec.base_experiment or 'none'}"
               + (f", sweep overrides not included: {' '.join(spec.overrides)}" if spec.overrides else "") + ")\n"
               "# Apply with the command in dvc_exp_run.txt, or: python -m pipeline train -S KEY=VALUE ...\n")
     pio.write_text(out / "best_params.yaml", header + yaml.safe_dump(overrides, sort_keys=False))

@@ -19,7 +19,9 @@ def _setup(tmp_path, tiny_backbone, micro_data, prepared):
     """A copy of params.yaml with a micro quality block, and the -S overrides that shrink every run to the fixtures."""
     params = yaml.safe_load(PARAMS.read_text())
     params["quality"].update(bar={"sst_acc": 0.0, "para_acc": 0.0, "sts_corr": 2.0},
-                             probe={"pair_train_rows": 20, "Cs": [0.1, 1.0]})
+                             probe={"pair_train_rows": 20, "Cs": [0.1, 1.0]},
+                             candidates=CANDIDATES, compare=["quality_cross_encoder", "quality_bi_encoder"])
+    params["quality"].pop("profiles", None)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     sets = [a for o in micro_overrides(tmp_path, tiny_backbone, micro_data, prepared) for a in ("-S", o)]
@@ -29,15 +31,21 @@ def _setup(tmp_path, tiny_backbone, micro_data, prepared):
 def test_params_yaml_quality_block_and_candidates_compose():
     params = read_params(PARAMS)
     spec = quality.read_spec(params)
-    assert spec.candidates == CANDIDATES and spec.compare == ["quality_cross_encoder", "quality_bi_encoder"]
-    assert set(spec.bar) == set(quality.METRICS) and len(spec.seeds) >= 2
+    # The hand-picked recipe against the sweep's best params, each on the profile it was made for.
+    assert spec.candidates == ["quality_cross_encoder", "sweep_cpu"] and spec.compare == spec.candidates
+    assert spec.profiles == {"sweep_cpu": "cpu"}
+    assert set(spec.bar) == set(quality.METRICS) and len(spec.seeds) >= 3
     cross = load_config(PARAMS, experiment="quality_cross_encoder", profile=spec.profile)
     bi = load_config(PARAMS, experiment="quality_bi_encoder", profile=spec.profile)
     assert (cross.model.para_head, bi.model.para_head, bi.model.pair_features) == ("cross", "concat", "sbert")
     assert cross.train.schedule == "loop" and cross.model.heads == "relu" and cross.model.sts_head == "cos"
+    assert cross.model.freeze_layers == 0
     # The quality profile never shares the study's prepared data or prefix cache.
     study = load_config(PARAMS)
     assert cross.data.prepared_dir != study.data.prepared_dir and cross.data.prefix_dir != study.data.prefix_dir
+    # The sweep's recipe on its profile is the study's run of it (the Table 2 row `sweep_cpu`).
+    sweep = load_config(PARAMS, experiment="sweep_cpu", profile=spec.profiles["sweep_cpu"])
+    assert sweep.to_dict() == load_config(PARAMS, experiment="sweep_cpu").to_dict()
 
 
 def test_stored_results_match_what_params_yaml_composes():
@@ -51,7 +59,7 @@ def test_stored_results_match_what_params_yaml_composes():
     for name in stored:
         entry = res["candidates"][name]
         cli = [f"{k}={json.dumps(v)}" for k, v in (entry["composition"].get("-S") or {}).items()]
-        cfg = load_config(PARAMS, experiment=name, profile=spec.profile, overrides=cli)
+        cfg = load_config(PARAMS, experiment=name, profile=spec.profiles.get(name, spec.profile), overrides=cli)
         for section in ("model", "train"):
             for key, value in (entry["recipe"].get(section) or {}).items():
                 if key not in quality.NOT_RECIPE:
@@ -96,7 +104,7 @@ def test_seeds_fast_path_and_paired_comparison(tmp_path, tiny_backbone, micro_da
         assert e["diff"] == pytest.approx(a - b) and e["lo"] <= e["hi"] and e["seed_lo"] <= e["seed_hi"]
     md = (out / "quality.md").read_text()
     assert "| frozen probe |" in md and "≥ 2.00" in md and "| no |" in md and "✗" in md
-    row = next(line for line in md.splitlines() if line.startswith("| quality_bi_encoder | 2 |"))
+    row = next(line for line in md.splitlines() if line.startswith("| quality_bi_encoder | quality | 2 |"))
     assert row.count(" ± ") == len(quality.SHOWN)
     assert "## Paired comparison: quality_cross_encoder − quality_bi_encoder" in md
     assert "paired bootstrap interval" in md and "; seeds [" in md
@@ -109,9 +117,11 @@ def test_seeds_fast_path_and_paired_comparison(tmp_path, tiny_backbone, micro_da
     assert json.loads((out / "quality.json").read_text())["comparison"] == comp
 
 
-def _fake_run(calls):
+def _fake_run(calls, profiles=None):
     def run(name, seed, args, profile, run_dir):
         calls.append((name, seed, tuple(args.overrides)))
+        if profiles is not None:
+            profiles[name] = profile
         base = 0.5 + 0.01 * seed + (0.1 if "cross" in name else 0.0)
         scores = {"sst_acc": base, "para_acc": base, "sts_corr": base}
         return {"scores": {**scores, "avg": base}, "n_dev": {}, "train_s": 60.0, "wall_s": 90.0, "steps": 10,
@@ -147,7 +157,7 @@ def test_merge_experiment_seed_list_and_changed_config(tmp_path, tiny_backbone, 
     assert list(res["candidates"]) == [*CANDIDATES, "baseline"]
     assert all(res["candidates"][n] == first["candidates"][n] for n in CANDIDATES)
     assert res["comparison"]["a"] == "baseline"
-    assert "| baseline | 1 |" in (out / "quality.md").read_text()
+    assert "| baseline | quality | 1 |" in (out / "quality.md").read_text()
 
     # A candidate whose composed config changed starts its runs afresh; same config: seeds merge.
     calls.clear()
@@ -156,6 +166,37 @@ def test_merge_experiment_seed_list_and_changed_config(tmp_path, tiny_backbone, 
     assert quality.main(argv + ["--only", "quality_bi_encoder", "--seed-list", "4", "-S", "model.dropout=0.2"]) == 0
     bi = json.loads((out / "quality.json").read_text())["candidates"]["quality_bi_encoder"]
     assert list(bi["runs"]) == ["3", "4"] and bi["composition"]["-S"]["model.dropout"] == 0.2
+
+
+def test_profiles_per_candidate_and_stored_seeds_kept(tmp_path, tiny_backbone, micro_data, prepared, monkeypatch):
+    params, sets = _setup(tmp_path, tiny_backbone, micro_data, prepared)
+    spec = yaml.safe_load(params.read_text())
+    spec["quality"]["profiles"] = {"quality_bi_encoder": "micro"}
+    params.write_text(yaml.safe_dump(spec, sort_keys=False))
+    calls, profiles = [], {}
+    monkeypatch.setattr(quality, "run_candidate", _fake_run(calls, profiles))
+    out = tmp_path / "out"
+    argv = ["--params", str(params), "--out", str(out), *sets, "--only", *CANDIDATES, "--seeds", "2"]
+    assert quality.main(argv) == 0
+    assert profiles == {"quality_bi_encoder": "micro", "quality_cross_encoder": "quality"}
+    res = json.loads((out / "quality.json").read_text())
+    assert res["candidates"]["quality_bi_encoder"]["profile"] == "micro"
+    md = (out / "quality.md").read_text()
+    assert "| quality_bi_encoder | micro | 2 |" in md and "| quality_cross_encoder | quality | 2 |" in md
+    # Run again (as after a stop): the stored seeds of the same config are kept, a new one trains.
+    calls.clear()
+    assert quality.main(argv[:-1] + ["3"]) == 0
+    assert [(n, s) for n, s, _ in calls] == [(n, 2) for n in CANDIDATES]
+    calls.clear()
+    assert quality.main(argv + ["--retrain"]) == 0
+    assert [(n, s) for n, s, _ in calls] == [(n, s) for n in CANDIDATES for s in (11711, 1)]
+    # A profile that does not exist, or a candidate that is not one, is one line before training.
+    for bad, expected in (({"quality_bi_encoder": "nosuch"}, "quality.profiles.quality_bi_encoder='nosuch' is not"),
+                          ({"baseline": "cpu"}, "quality.profiles.baseline: not one of quality.candidates")):
+        spec["quality"]["profiles"] = bad
+        params.write_text(yaml.safe_dump(spec, sort_keys=False))
+        with pytest.raises(quality.ConfigError, match=expected.replace("(", r"\(")):
+            quality.read_spec(read_params(params), str(params))
 
 
 def test_schema_1_results_render_without_training(tmp_path):

@@ -234,10 +234,16 @@ def test_report_has_every_table_row_figure_and_majority(study, prepared):
     assert "Alpha did not matter within this run length" in report
     # What DVC's views read: a few headline numbers, and the data of the top-level plots.
     headline = json.loads((out / "metrics.json").read_text())
-    assert set(headline) == {"table1", "table2", "table4"}
-    assert headline["table2"]["avg_best"] == pytest.approx(t2.loc["Baseline + Cos + ReLU + Loop", "avg"], abs=1e-4)
-    assert headline["table2"]["avg_reference"] == pytest.approx(t2.loc["Baseline", "avg"], abs=1e-4)
-    assert headline["table2"]["avg_reference"] <= headline["table2"]["avg_mean"] <= headline["table2"]["avg_best"]
+    # The study's experiments are the columns of `dvc exp show`: avg first, each experiment in params order.
+    assert list(headline)[0] == "avg"
+    multitask = [e for e in study_experiments(params) if e not in headline.get("sst_acc", {})
+                 and e not in headline.get("cfimdb_acc", {})]
+    assert list(headline["avg"]) == multitask
+    assert headline["avg"]["cos_relu_loop"] == pytest.approx(t2.loc["Baseline + Cos + ReLU + Loop", "avg"], abs=1e-4)
+    assert headline["avg"]["baseline"] == pytest.approx(t2.loc["Baseline", "avg"], abs=1e-4)
+    assert set(headline["sst_acc"]) == {"sst_pretrain", "sst_finetune"}
+    assert set(headline["cfimdb_acc"]) == {"cfimdb_pretrain", "cfimdb_finetune"}
+    assert sum(len(block) for block in headline.values()) == len(study_experiments(params))
     assert all(isinstance(v, float) for block in headline.values() for v in block.values())  # metrics only
     scores = json.loads((out / "plots" / "scores.json").read_text())
     assert {r["experiment"] for r in scores} >= {"baseline", "cos_relu_loop"}
