@@ -221,11 +221,6 @@ def _check_writable(path: str | Path, what: str) -> None:
         raise PipelineError(f"{what} {path}: {where} ({err.strerror})") from None
 
 
-def _shared_data() -> Path:
-    """pipeline.data.SHARED_DATA without importing pipeline.data (it loads torch)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "cs224n"
-
-
 def _preflight(args, cfg) -> None:
     """What a stage reads and where it writes, checked in a few file-system calls before it loads a
     model or data: a missing input or an unwritable output is one line at once, not a traceback later."""
@@ -234,7 +229,9 @@ def _preflight(args, cfg) -> None:
         chosen = data.data_dir or os.environ.get("MINBERT_DATA_DIR", "")
         if chosen and not Path(chosen).expanduser().is_dir():
             raise DataError(f"data folder {chosen} does not exist (set by data.data_dir or MINBERT_DATA_DIR)")
-        if not chosen and not (_shared_data() / "SHA256SUMS").is_file():
+        from pipeline import config  # torch-free
+
+        if not chosen and not (config.SHARED_DATA / "SHA256SUMS").is_file():
             _check_writable(data.cache_dir, "data.cache_dir")  # the official files are downloaded there
         _check_writable(data.prepared_dir, "data.prepared_dir")
     elif args.stage == "cache":

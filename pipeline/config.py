@@ -209,6 +209,11 @@ class EvalConfig:
             raise ConfigError("eval.dev_limit must be >= 0 and eval.batch_size > 0")
 
 
+# The shared data folder beside a checkout (../shared/data/cs224n): the data module reads the task
+# files there when it holds its SHA256SUMS and neither data.data_dir nor $MINBERT_DATA_DIR names a
+# folder. Here, torch-free, so that the CLI's pre-flight checks see the same path.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cs224n"
+
 STUDY = "study"  # <runs_dir>/study/<experiment>/s<seed>: the DVC study's runs, all the report reads
 ADHOC = "adhoc"  # <runs_dir>/adhoc/...: `train -S ...` runs, whose config differs from params.yaml
 

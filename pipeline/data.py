@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from pipeline import config
 from pipeline import io as pio
 from pipeline.errors import DataError
 
@@ -73,10 +74,6 @@ from pipeline.tasks import NUM_CLASSES  # noqa: E402,F401 (re-exported)
 # ---------------------------------------------------------------- locating files
 
 
-# The shared data folder beside a checkout (../shared/data/cs224n), used when it holds its SHA256SUMS.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cs224n"
-
-
 def resolve_data_dir(data_dir: str, cache_dir: str) -> Path:
     """The folder holding the task files: a param, then $MINBERT_DATA_DIR, then ../shared/data/cs224n
     beside the checkout (what the Makefile exports), else download into the cache."""
@@ -86,8 +83,8 @@ def resolve_data_dir(data_dir: str, cache_dir: str) -> Path:
         if not path.is_dir():
             raise DataError(f"data folder {path} does not exist (set by data.data_dir or MINBERT_DATA_DIR)")
         return path
-    if (SHARED_DATA / "SHA256SUMS").is_file():
-        return SHARED_DATA
+    if (config.SHARED_DATA / "SHA256SUMS").is_file():
+        return config.SHARED_DATA
     return download_official(Path(cache_dir))
 
 

@@ -152,8 +152,7 @@ CASES = {
 def test_bad_input_is_one_line_and_writes_nothing(case, workdir, caplog, capsys, monkeypatch):
     argv, setup, message = CASES[case]
     # As on a machine without the shared data mirror, and outside make (which exports MINBERT_DATA_DIR).
-    monkeypatch.setattr(cli, "_shared_data", lambda: workdir / "no-shared-mirror")
-    monkeypatch.setattr("pipeline.data.SHARED_DATA", workdir / "no-shared-mirror")
+    monkeypatch.setattr("pipeline.config.SHARED_DATA", workdir / "no-shared-mirror")
     monkeypatch.delenv("MINBERT_DATA_DIR", raising=False)
     if setup:
         SETUP[setup](workdir)

@@ -228,7 +228,7 @@ def test_data_dir_order_param_env_shared_mirror(tmp_path, monkeypatch):
     for d in (mirror, env_dir, param_dir):
         d.mkdir()
     (mirror / "SHA256SUMS").write_text("")
-    monkeypatch.setattr(data_mod, "SHARED_DATA", mirror)
+    monkeypatch.setattr("pipeline.config.SHARED_DATA", mirror)
     monkeypatch.delenv("MINBERT_DATA_DIR", raising=False)
     cache = tmp_path / "cache"
     assert data_mod.resolve_data_dir("", str(cache)) == mirror
