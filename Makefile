@@ -98,10 +98,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 bench: $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
-# Dev quality on the embedded default: a frozen-backbone probe beside the fine-tuned candidates
-# -> reports/quality.json and .md, which gives the measured times (one seed on 2 CPU cores: ~2.5 min
-# for the probe, ~23 min a candidate). QUALITY_ARGS passes options (`python -m benchmarks.quality
-# --help`), e.g. QUALITY_ARGS="--only NAME" reruns one candidate (an unknown NAME lists them).
+# Dev quality on the embedded default: a frozen-backbone probe beside the hand-picked recipe and the
+# Optuna study's best, 3 seeds each -> reports/quality.json and .md, which gives the measured times
+# (2 CPU cores: ~2.5 min for the probe, ~23 min a seed of the hand-picked recipe, ~1.2 min of the
+# sweep's; ~75 min in all; a stopped check keeps the seeds it finished). QUALITY_ARGS passes
+# options (`python -m benchmarks.quality --help`), e.g. QUALITY_ARGS="--only NAME" reruns one
+# candidate (an unknown NAME lists them).
 quality: install
 	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
 

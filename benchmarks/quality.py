@@ -14,9 +14,10 @@ The probe is what the backbone knows before any fine-tuning: per task of the mul
 logistic regression on frozen sentence embeddings (a classification), on Sentence-BERT pair
 features (a binary pair task) or the zero-shot cosine (a score task).
 
-Results merge into reports/quality.json by candidate and seed: a seed already stored for the same
-composed config is kept, not retrained (so a stopped check resumes where it stopped; `--retrain`
-trains it again), and a candidate whose composed config changed starts its runs afresh.
+Results merge into reports/quality.json by candidate and seed: a seed stored for the same composed
+config whose run folder is still here is kept, not retrained (so a stopped check resumes where it
+stopped; `--retrain` trains it again; a fresh clone has no run folders and trains everything), and
+a candidate whose composed config changed starts its runs afresh.
 reports/quality.md is rendered from it: per candidate the mean ± std over seeds beside the bar,
 and a paired comparison of two candidates with the report's intervals (pipeline.report_stats: a
 paired bootstrap over the dev rows, each replicate the mean over seeds, and a Welch t interval
@@ -652,8 +653,10 @@ def main(argv: list[str] | None = None) -> int:
                          ", ".join(old["runs"]))
             res["candidates"][name] = {**entry, "runs": runs}
             for seed in seeds:
-                if str(seed) in runs and not args.retrain:
-                    log.info("%s, seed %d: kept from %s (same config; --retrain trains it again)", name, seed, path)
+                stored = runs.get(str(seed)) or {}
+                if stored and not args.retrain and (Path(stored.get("run_dir", "")) / "metrics.json").is_file():
+                    log.info("%s, seed %d: kept from %s (same config, its run is in %s; --retrain trains it "
+                             "again)", name, seed, path, stored["run_dir"])
                     continue
                 runs[str(seed)] = run_candidate(name, seed, args, profile_of(name), runs_dir / name / f"s{seed}")
                 log.info("%s, seed %d: %s in %.1f min", name, seed, runs[str(seed)]["scores"],

@@ -122,6 +122,8 @@ def _fake_run(calls, profiles=None):
         calls.append((name, seed, tuple(args.overrides)))
         if profiles is not None:
             profiles[name] = profile
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text("{}")  # what marks a finished run
         base = 0.5 + 0.01 * seed + (0.1 if "cross" in name else 0.0)
         scores = {"sst_acc": base, "para_acc": base, "sts_corr": base}
         return {"scores": {**scores, "avg": base}, "n_dev": {}, "train_s": 60.0, "wall_s": 90.0, "steps": 10,
@@ -183,10 +185,15 @@ def test_profiles_per_candidate_and_stored_seeds_kept(tmp_path, tiny_backbone, m
     assert res["candidates"]["quality_bi_encoder"]["profile"] == "micro"
     md = (out / "quality.md").read_text()
     assert "| quality_bi_encoder | micro | 2 |" in md and "| quality_cross_encoder | quality | 2 |" in md
-    # Run again (as after a stop): the stored seeds of the same config are kept, a new one trains.
+    # Run again (as after a stop): the stored seeds of the same config are kept, a new one trains;
+    # a stored seed whose run folder is gone (a fresh clone) trains again.
     calls.clear()
     assert quality.main(argv[:-1] + ["3"]) == 0
     assert [(n, s) for n, s, _ in calls] == [(n, 2) for n in CANDIDATES]
+    calls.clear()
+    (tmp_path / "runs" / "quality" / "quality_bi_encoder" / "s1" / "metrics.json").unlink()
+    assert quality.main(argv) == 0
+    assert [(n, s) for n, s, _ in calls] == [("quality_bi_encoder", 1)]
     calls.clear()
     assert quality.main(argv + ["--retrain"]) == 0
     assert [(n, s) for n, s, _ in calls] == [(n, s) for n in CANDIDATES for s in (11711, 1)]
@@ -212,7 +219,8 @@ def test_schema_1_results_render_without_training(tmp_path):
             run = res["candidates"][f"quality_{old}"]["runs"]["11711"]
             assert run["scores"]["para_acc"] == cand["scores"]["para_acc"]
     md = (out / "quality.md").read_text()
-    assert all(f"| {n} | " in md for n in CANDIDATES) and "| frozen probe |" in md
+    shown = [n for n, c in res["candidates"].items() if c.get("runs")]
+    assert shown and all(f"| {n} | " in md for n in shown) and "| frozen probe |" in md
 
 
 def test_bad_inputs_fail_in_one_line_before_training(tmp_path, tiny_backbone, micro_data, prepared, caplog,
