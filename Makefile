@@ -113,7 +113,7 @@ quality: install
 # squeezes into a terminal until nothing is left.
 EXP_COLUMNS ?= ^(Experiment|Created|State|profile|seeds|extra_seeds|avg\..*)$$
 exp-show: install
-	$(VENV)/bin/dvc exp show --no-pager --precision 3 --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_ARGS)
+	$(VENV)/bin/dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_ARGS)
 
 # Everything built or trained; git-tracked results (runs/study/*/metrics.json, history.json) stay.
 clean:
