@@ -254,7 +254,7 @@ def write_report_md(path: Path, c: dict) -> Path:
           f"- Epochs: {_values(runs, lambda x: x['train']['epochs'])}; share of the paper's epoch sample: "
           f"{_values(runs, lambda x: x['train']['epoch_fraction'])}; batch size "
           f"{_values(runs, lambda x: x['train']['batch_size'])}; learning rate "
-          f"{_values(runs, lambda x: x['train']['lr'])}.",
+          f"{_values(runs, lambda x: float(format(x['train']['lr'], '.3g')))}.",  # a swept lr: 3 digits
           (f"- Optimizer steps per run: {min(steps)}" + (f"–{max(steps)}" if max(steps) != min(steps) else "")
            + f" (per experiment below); training wall time of all runs: {wall / 60:.1f} min."
            if steps else "- No step counts yet."),
