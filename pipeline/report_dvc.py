@@ -21,10 +21,9 @@ import math
 from pathlib import Path
 
 from pipeline import io as pio
-from pipeline.tasks import MULTITASK_METRICS, TASKS
+from pipeline.tasks import MULTITASK_METRICS, TASK_OF_METRIC
 
 HEADLINE = "avg"
-TASK_METRICS = {t.metric for t in TASKS.values()}
 
 
 def _score(value) -> float | None:
@@ -37,7 +36,7 @@ def headline_metrics(estimates: dict, order: list[str]) -> dict:
     out: dict[str, dict[str, float]] = {HEADLINE: {}}
     for exp in order:
         est = estimates.get(exp) or {}
-        metrics = [HEADLINE] if HEADLINE in est else [m for m in est if m in TASK_METRICS]
+        metrics = [HEADLINE] if HEADLINE in est else [m for m in est if m in TASK_OF_METRIC]
         for metric in metrics:
             score = _score(est[metric].point)
             if score is not None:
