@@ -29,6 +29,7 @@ import yaml
 
 from pipeline import io as pio
 from pipeline.config import EXTENSIONS, experiment_overrides, read_params
+from pipeline.errors import ConfigError
 from sweeps.expected_max import expected_max_curve
 from sweeps.pruners import describe
 
@@ -323,7 +324,7 @@ def _profile_of(spec) -> str:
         return spec.profile
     try:
         name = read_params(spec.params).get("profile")
-    except Exception:  # noqa: BLE001 - a summary still renders when the params file has gone
+    except ConfigError:  # a summary still renders when the params file has gone or is broken
         name = None
     return f"{name} (the params file's `profile:`)" if name else "the params file's `profile:`"
 
